@@ -1,0 +1,25 @@
+"""Errors a user can cause, and the one-line report the command-line tools give for them."""
+
+import functools
+import sys
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, corrupt file, conflicting flags); the message says how."""
+
+
+def exit_on_user_error(main):
+    """Wrap a CLI `main` so a UserError prints one line to stderr and exits with status 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("error: interrupted; outputs not yet complete were not kept", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper

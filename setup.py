@@ -1,0 +1,37 @@
+"""Builds megagrow and its C++ index helpers (megagrow._helpers) at install time."""
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+helpers = Pybind11Extension(
+    "megagrow._helpers",
+    ["csrc/helpers.cpp"],
+    cxx_std=17,
+    extra_compile_args=["-O3"],
+)
+
+setup(
+    name="megagrow",
+    version="0.1.0",
+    description="Megatron-style pre-training of Llama models with model growth and data mixing",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megagrow", "megagrow.*"]),
+    ext_modules=[helpers],
+    cmdclass={"build_ext": build_ext},
+    install_requires=[
+        # The CPU wheel of this version lies on the development machines; pin it
+        # in requirements.txt, not here, so clusters keep their CUDA build.
+        "torch>=2.1",
+        "numpy>=1.24",
+        "sentencepiece>=0.1.99",
+        "tqdm>=4.60",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.14"],
+        "gpu": ["flash-attn>=2.5", "deepspeed>=0.14"],
+        "hf": ["transformers>=4.40", "safetensors>=0.4"],
+        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "safetensors>=0.4"],
+    },
+    zip_safe=False,
+)
