@@ -1,0 +1,1 @@
+"""Training: checkpoints, optimizer, schedules, the loop."""
