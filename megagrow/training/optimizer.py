@@ -1,0 +1,74 @@
+"""AdamW with Megatron's weight-decay grouping, on the fastest implementation available.
+
+Backends, in order of preference: apex FusedAdam (CUDA, apex importable), torch's fused
+AdamW (CUDA), torch's foreach AdamW (CPU and everything else). The choice is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger("megagrow.training")
+_logged_backends: set[str] = set()
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW settings, named after Megatron's flags."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+
+
+def weight_decay_groups(params, weight_decay: float) -> list[dict]:
+    """Split parameters into decayed (matrices) and non-decayed (biases, norm gains) groups."""
+    decay, no_decay = [], []
+    for param in params:
+        if not param.requires_grad:
+            continue
+        # 1-D tensors are biases and norm gains: decaying them pulls norms toward zero,
+        # which only hurts, so Megatron (and Llama recipes) exempt them.
+        (no_decay if param.ndim < 2 else decay).append(param)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def select_adamw_backend(params, prefer_fused: bool = True) -> str:
+    """Name of the AdamW implementation to use for these parameters: 'apex', 'torch-fused' or 'torch'."""
+    on_cuda = all(p.is_cuda for p in params) and len(params) > 0
+    if prefer_fused and on_cuda:
+        try:
+            import apex.optimizers  # noqa: F401
+
+            return "apex"
+        except ImportError:
+            return "torch-fused"
+    return "torch"
+
+
+def build_adamw(params, config: OptimizerConfig, prefer_fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW over `params` with weight-decay groups and the best available backend."""
+    params = [p for p in params if p.requires_grad]
+    groups = weight_decay_groups(params, config.weight_decay)
+    betas = (config.adam_beta1, config.adam_beta2)
+    backend = select_adamw_backend(params, prefer_fused)
+    if backend not in _logged_backends:
+        logger.info("AdamW backend: %s", backend)
+        _logged_backends.add(backend)
+    if backend == "apex":
+        from apex.optimizers import FusedAdam
+
+        return FusedAdam(groups, lr=config.lr, betas=betas, eps=config.adam_eps, adam_w_mode=True)
+    if backend == "torch-fused":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=config.adam_eps, fused=True)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=config.adam_eps, foreach=True)
