@@ -26,15 +26,21 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
 
 
-def weight_decay_groups(params, weight_decay: float) -> list[dict]:
-    """Split parameters into decayed (matrices) and non-decayed (biases, norm gains) groups."""
+def uses_weight_decay(param: torch.Tensor) -> bool:
+    """Matrices decay; 1-D tensors (biases, norm gains) do not."""
+    # Decaying norm gains pulls them toward zero, which only hurts, so Megatron (and
+    # Llama recipes) exempt every 1-D parameter.
+    return param.ndim >= 2
+
+
+def weight_decay_groups(params, weight_decay: float, decays: dict[int, bool] | None = None) -> list[dict]:
+    """Split parameters into decayed and non-decayed groups (`decays` maps id(param) to a decision)."""
     decay, no_decay = [], []
     for param in params:
         if not param.requires_grad:
             continue
-        # 1-D tensors are biases and norm gains: decaying them pulls norms toward zero,
-        # which only hurts, so Megatron (and Llama recipes) exempt them.
-        (no_decay if param.ndim < 2 else decay).append(param)
+        decided = decays.get(id(param)) if decays is not None else None
+        (decay if (uses_weight_decay(param) if decided is None else decided) else no_decay).append(param)
     groups = []
     if decay:
         groups.append({"params": decay, "weight_decay": weight_decay})
@@ -56,10 +62,12 @@ def select_adamw_backend(params, prefer_fused: bool = True) -> str:
     return "torch"
 
 
-def build_adamw(params, config: OptimizerConfig, prefer_fused: bool = True) -> torch.optim.Optimizer:
+def build_adamw(
+    params, config: OptimizerConfig, prefer_fused: bool = True, decays: dict[int, bool] | None = None
+) -> torch.optim.Optimizer:
     """AdamW over `params` with weight-decay groups and the best available backend."""
     params = [p for p in params if p.requires_grad]
-    groups = weight_decay_groups(params, config.weight_decay)
+    groups = weight_decay_groups(params, config.weight_decay, decays)
     betas = (config.adam_beta1, config.adam_beta2)
     backend = select_adamw_backend(params, prefer_fused)
     if backend not in _logged_backends:
