@@ -67,6 +67,17 @@ def test_sentence_level_sequences_and_documents(tmp_path):
     assert ds.document(1).tolist() == [10]
 
 
+def test_pickles_by_path_not_by_content(tmp_path):
+    import pickle
+
+    with IndexedDatasetBuilder(tmp_path / "big", np.uint16) as builder:
+        builder.add_document(np.arange(50_000) % 60000)
+    ds = IndexedDataset(tmp_path / "big")
+    blob = pickle.dumps(ds)
+    assert len(blob) < 1000
+    assert pickle.loads(blob)[0].tolist() == ds[0].tolist()
+
+
 def test_token_dtype_follows_vocab_size():
     assert token_dtype_for_vocab(32000) is np.uint16
     assert token_dtype_for_vocab(65499) is np.uint16

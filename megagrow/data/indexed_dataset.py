@@ -83,6 +83,14 @@ class IndexedDataset:
         else:
             self._tokens = np.memmap(bin_path, dtype=self.dtype, mode="r")
 
+    def __getstate__(self) -> dict:
+        # Pickle by path: memmaps would otherwise be copied whole into every DataLoader
+        # worker started by spawn/forkserver.
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, saved: dict) -> None:
+        self.__init__(saved["prefix"])
+
     def __len__(self) -> int:
         return len(self.sizes)
 

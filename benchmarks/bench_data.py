@@ -1,0 +1,153 @@
+"""Data pipeline benchmarks: each section times megagrow's code against a reference in the same run.
+
+    python benchmarks/bench_data.py                      # every section
+    python benchmarks/bench_data.py --sections sample_idx --documents 100000
+
+Sections (add one by writing a function `args -> Table` whose first row is the code under
+test, its arguments in `main`, and an entry in SECTIONS):
+  sample_idx  C++ build_sample_idx vs the loop and vectorised numpy references
+  blending    C++ build_blending_indices vs the numpy reference (Tijdeman rule, one sample at a time)
+
+Times are the best of --repeats runs (the Python loops run once). With
+--loop-fraction below 1 the loops run on that share of the samples and their time
+is scaled linearly (both are linear scans); the "measured on" column says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+from megagrow.data.index_reference import (
+    build_blending_indices_loop,
+    build_sample_idx_loop,
+    build_sample_idx_vectorized,
+)
+from megagrow.data.native import build_blending_indices, build_sample_idx
+
+
+@dataclasses.dataclass
+class Table:
+    """One section's result: a row per implementation, the first row being the one measured against."""
+
+    title: str
+    rows: list[tuple[str, str, float]]  # (implementation, measured on, seconds for the full input)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def render(self) -> str:
+        """The table as aligned text, with each row's time relative to the first row."""
+        base = self.rows[0][2]
+        header = ("implementation", "measured on", "ms", "C++ speed-up")
+        body = [(name, on, f"{seconds * 1e3:.1f}", f"{seconds / base:.1f}x") for name, on, seconds in self.rows]
+        widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+        lines = [f"## {self.title}", *self.notes]
+        for row in [header, tuple("-" * w for w in widths), *body]:
+            lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        return "\n".join(lines)
+
+
+def best_time(run: Callable[[], object], repeats: int) -> float:
+    """Shortest wall time of `repeats` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def synthetic_document_sizes(num_documents: int, mean_tokens: float, seed: int) -> np.ndarray:
+    """Lognormal document lengths (sigma 1, like web text) with the given mean, at least one token each."""
+    sigma = 1.0
+    rng = np.random.default_rng(seed)
+    sizes = rng.lognormal(math.log(mean_tokens) - sigma**2 / 2, sigma, num_documents)
+    return np.maximum(sizes, 1).astype(np.int32)
+
+
+def bench_sample_idx(args: argparse.Namespace) -> Table:
+    """C++ build_sample_idx against the loop and vectorised references on one synthetic epoch."""
+    sizes = synthetic_document_sizes(args.documents, args.mean_tokens, args.seed)
+    doc_idx = np.random.RandomState(args.seed).permutation(len(sizes)).astype(np.int32)
+    total_tokens = int(sizes.sum(dtype=np.int64))
+    num_samples = (total_tokens - 1) // args.seq_length
+
+    expected = build_sample_idx(sizes, doc_idx, args.seq_length, num_samples)
+    if not np.array_equal(build_sample_idx_vectorized(sizes, doc_idx, args.seq_length, num_samples), expected):
+        raise AssertionError("vectorised reference disagrees with the C++ sample index")
+    cpp = best_time(lambda: build_sample_idx(sizes, doc_idx, args.seq_length, num_samples), args.repeats)
+    vectorised = best_time(
+        lambda: build_sample_idx_vectorized(sizes, doc_idx, args.seq_length, num_samples), args.repeats
+    )
+    # The loop's cost is proportional to the samples it builds: time a fraction, scale up.
+    part = max(1, int(num_samples * args.loop_fraction))
+    loop = best_time(lambda: build_sample_idx_loop(sizes, doc_idx, args.seq_length, part), 1)
+    np.testing.assert_array_equal(build_sample_idx_loop(sizes, doc_idx, args.seq_length, min(part, 1000)),
+                                  expected[: min(part, 1000) + 1])
+    fraction = f"{part / num_samples:.0%} of samples, scaled" if part < num_samples else "all"
+    return Table(
+        title=f"build_sample_idx: {len(sizes):,} documents, {total_tokens / 1e9:.2f}B tokens, "
+        f"seq {args.seq_length} -> {num_samples:,} samples",
+        rows=[
+            ("C++ (megagrow._helpers)", "all", cpp),
+            ("numpy cumsum + searchsorted", "all", vectorised),
+            ("Python loop reference", fraction, loop * num_samples / part),
+        ],
+    )
+
+
+def bench_blending(args: argparse.Namespace) -> Table:
+    """C++ build_blending_indices against the numpy loop reference."""
+    weights = np.random.default_rng(args.seed).dirichlet(np.ones(args.datasets))
+    size = args.blend_samples
+    expected = build_blending_indices(weights, size)
+    cpp = best_time(lambda: build_blending_indices(weights, size), args.repeats)
+    part = max(1, int(size * args.loop_fraction))
+    loop = best_time(lambda: build_blending_indices_loop(weights, part), 1)
+    reference = build_blending_indices_loop(weights, min(part, 1000))
+    for got, want in zip(reference, expected):
+        np.testing.assert_array_equal(got, want[: len(got)])
+    fraction = f"{part / size:.0%} of samples, scaled" if part < size else "all"
+    return Table(
+        title=f"build_blending_indices: {args.datasets} datasets, {size:,} samples",
+        rows=[
+            ("C++ (megagrow._helpers)", "all", cpp),
+            ("numpy loop reference", fraction, loop * size / part),
+        ],
+        notes=[f"weights {np.round(weights, 3).tolist()}"],
+    )
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], Table]] = {
+    "sample_idx": bench_sample_idx,
+    "blending": bench_blending,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the chosen sections and print one table each."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    parser.add_argument("--documents", type=int, default=1_000_000)
+    parser.add_argument("--mean-tokens", type=float, default=1000.0, help="mean document length")
+    parser.add_argument("--seq-length", type=int, default=2048)
+    parser.add_argument("--datasets", type=int, default=5, help="datasets in the blend")
+    parser.add_argument("--blend-samples", type=int, default=500_000)
+    parser.add_argument("--loop-fraction", type=float, default=1.0,
+                        help="share of the input the Python loop references run on (then scaled)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not 0 < args.loop_fraction <= 1:
+        parser.error("--loop-fraction must be in (0, 1]")
+    for name in args.sections:
+        print(SECTIONS[name](args).render(), end="\n\n", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
