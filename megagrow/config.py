@@ -1,0 +1,193 @@
+"""Configuration dataclasses, named presets, and the parameter / FLOP arithmetic derived from them.
+
+`ModelConfig` describes a Llama architecture, `ParallelConfig` how it is split over ranks.
+Both validate on construction, so a bad combination fails at start-up with one line
+naming the field, not deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from megagrow.errors import UserError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Llama architecture: pre-norm RMSNorm blocks, RoPE, grouped-query attention, SwiGLU."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    seq_length: int
+    # None means multi-head attention: one key/value head per query head.
+    num_query_groups: int | None = None
+    # None means seq_length: RoPE tables are built this long.
+    max_position_embeddings: int | None = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    # Megatron's default; the padded vocabulary is a multiple of this times tp (see padded_vocab_size).
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+    params_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
+                     "seq_length", "make_vocab_size_divisible_by"):
+            if getattr(self, name) < 1:
+                raise UserError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise UserError(f"model config: hidden_size {self.hidden_size} is not divisible by "
+                            f"num_attention_heads {self.num_attention_heads}")
+        if self.head_dim % 2:
+            raise UserError(f"model config: head dimension {self.head_dim} must be even for RoPE")
+        groups = self.query_groups
+        if groups < 1 or self.num_attention_heads % groups:
+            raise UserError(f"model config: num_attention_heads {self.num_attention_heads} is not divisible by "
+                            f"num_query_groups {groups}")
+        if self.max_positions < self.seq_length:
+            raise UserError(f"model config: max_position_embeddings {self.max_positions} is shorter than "
+                            f"seq_length {self.seq_length}")
+        if self.params_dtype not in _DTYPES:
+            raise UserError(f"model config: params_dtype {self.params_dtype!r} is not one of {sorted(_DTYPES)}")
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per attention head."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        """Number of key/value heads (equal to the query heads for multi-head attention)."""
+        return self.num_attention_heads if self.num_query_groups is None else self.num_query_groups
+
+    @property
+    def max_positions(self) -> int:
+        """Longest sequence the position tables cover."""
+        return self.seq_length if self.max_position_embeddings is None else self.max_position_embeddings
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """`params_dtype` as a torch dtype."""
+        return _DTYPES[self.params_dtype]
+
+    def replace(self, **changes) -> ModelConfig:
+        """A copy with some fields changed (and validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How ranks are split: tensor (tp), pipeline (pp) and data (dp) parallel sizes."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    # Split activations outside the tensor-parallel regions along the sequence (needs tp > 1 to matter).
+    sequence_parallel: bool = False
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "dp"):
+            if getattr(self, name) < 1:
+                raise UserError(f"parallel config: {name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks this layout needs."""
+        return self.tp * self.pp * self.dp
+
+
+def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tp: int) -> int:
+    """Vocabulary rounded up to a multiple of `make_vocab_size_divisible_by * tp`, so every shard is equal."""
+    multiple = make_vocab_size_divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def validate_parallel(config: ModelConfig, parallel: ParallelConfig) -> None:
+    """Raise UserError when the model cannot be split as `parallel` asks."""
+    tp = parallel.tp
+    if config.num_attention_heads % tp:
+        raise UserError(f"num_attention_heads {config.num_attention_heads} is not divisible by tensor-parallel "
+                        f"size {tp}; choose a tp that divides it")
+    # Key/value heads are split over tp ranks, never replicated: a kv head copied on several
+    # ranks would need its gradients summed across them and would break the layout the
+    # checkpoint converters and growth tools rely on.
+    if config.query_groups % tp:
+        raise UserError(f"num_query_groups {config.query_groups} is not divisible by tensor-parallel size {tp}; "
+                        f"use tp <= {config.query_groups} that divides it")
+    if config.ffn_hidden_size % tp:
+        raise UserError(f"ffn_hidden_size {config.ffn_hidden_size} is not divisible by tensor-parallel size {tp}")
+    if parallel.sequence_parallel and config.seq_length % tp:
+        raise UserError(f"sequence parallelism needs seq_length {config.seq_length} divisible by tensor-parallel "
+                        f"size {tp}")
+
+
+def num_parameters(config: ModelConfig) -> int:
+    """Trainable parameters of the unsharded model, counted with the unpadded vocabulary."""
+    h, kv = config.hidden_size, config.query_groups * config.head_dim
+    attention = 2 * h * h + 2 * h * kv  # q and output projections; k and v projections
+    mlp = 3 * h * config.ffn_hidden_size  # gate, up, down
+    norms = 2 * h
+    embeddings = config.vocab_size * h * (1 if config.tie_embeddings else 2)
+    return config.num_layers * (attention + mlp + norms) + embeddings + h
+
+
+def training_flops_per_token(config: ModelConfig, seq_length: int | None = None) -> int:
+    """Training FLOPs per token: 6 * N_matmul + 12 * L * h * s.
+
+    6 * N: each weight in a matmul costs 2 FLOPs per token forward and 4 backward. N counts
+    the weights that take part in matmuls, so the input embedding (a lookup) is left out
+    unless it is tied to the output head. 12 * L * h * s: per layer, QK^T and attention-times-V
+    each cost 2 * s * h FLOPs per token forward, times 3 for training. The causal mask is not
+    credited (as in PaLM's MFU accounting), so utilisation figures compare across codebases.
+    """
+    s = config.seq_length if seq_length is None else seq_length
+    matmul_params = num_parameters(config)
+    if not config.tie_embeddings:
+        matmul_params -= config.vocab_size * config.hidden_size
+    return 6 * matmul_params + 12 * config.num_layers * config.hidden_size * s
+
+
+def _tinyllama_1_1b() -> ModelConfig:
+    return ModelConfig(num_layers=22, hidden_size=2048, ffn_hidden_size=5632, num_attention_heads=32,
+                       num_query_groups=4, vocab_size=32000, seq_length=2048, rope_theta=10000.0, norm_eps=1e-5,
+                       tie_embeddings=False)
+
+
+def _llama2_7b() -> ModelConfig:
+    return ModelConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=11008, num_attention_heads=32,
+                       vocab_size=32000, seq_length=4096, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False)
+
+
+def _tiny() -> ModelConfig:
+    return ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4, num_query_groups=2,
+                       vocab_size=1024, seq_length=64, make_vocab_size_divisible_by=8)
+
+
+def _small_cpu() -> ModelConfig:
+    return ModelConfig(num_layers=4, hidden_size=256, ffn_hidden_size=688, num_attention_heads=8, num_query_groups=4,
+                       vocab_size=8000, seq_length=256, make_vocab_size_divisible_by=64)
+
+
+MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {
+    "tinyllama-1.1b": _tinyllama_1_1b,
+    "llama2-7b": _llama2_7b,
+    "tiny": _tiny,
+    "small-cpu": _small_cpu,
+}
+
+
+def model_preset(name: str, **overrides) -> ModelConfig:
+    """The named preset, with any fields in `overrides` replaced."""
+    if name not in MODEL_PRESETS:
+        raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(sorted(MODEL_PRESETS))}")
+    return MODEL_PRESETS[name]().replace(**overrides)

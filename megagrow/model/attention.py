@@ -1,0 +1,79 @@
+"""Causal grouped-query self-attention with heads split over tensor-parallel ranks.
+
+Fused QKV layout. The projection is one ColumnParallelLinear whose output stacks three
+blocks, each sharded over tp on its own (see megagrow.parallel.layers):
+
+    full weight   [Wq; Wk; Wv]   shapes [n_q*d, h], [n_kv*d, h], [n_kv*d, h]
+    rank r holds  [Wq rows of query heads r*n_q/t .. (r+1)*n_q/t - 1;
+                   Wk rows of kv heads    r*n_kv/t .. (r+1)*n_kv/t - 1;
+                   Wv rows of the same kv heads]
+
+Heads are numbered as in HF Llama (query head i reads kv head i // (n_q/n_kv)), so Wq, Wk,
+Wv are HF's q_proj, k_proj, v_proj unchanged and a rank's query heads read exactly the kv
+heads it holds. Both n_q and n_kv must be divisible by tp; kv heads are never replicated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megagrow.config import ModelConfig
+from megagrow.model.backends import FLASH_ATTENTION, attention_backend
+from megagrow.model.rope import apply_rotary
+from megagrow.parallel import state
+from megagrow.parallel.layers import ColumnParallelLinear, InitMethod, RowParallelLinear
+
+
+def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """Causal softmax(q k^T / sqrt(d)) v: q [s, b, n_q, d], k and v [s, b, n_kv, d] -> [s, b, n_q, d]."""
+    if backend == FLASH_ATTENTION:
+        from flash_attn import flash_attn_func
+
+        # flash-attn takes [b, s, n, d] and handles n_q > n_kv itself.
+        out = flash_attn_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), causal=True)
+        return out.transpose(0, 1)
+    repeats = q.size(2) // k.size(2)
+    # SDPA takes [b, n, s, d]; kv heads are expanded so query head i meets kv head i // repeats.
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+    if repeats > 1:
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return out.permute(2, 0, 1, 3)
+
+
+class SelfAttention(nn.Module):
+    """Fused-QKV column-parallel projection, RoPE, causal GQA, row-parallel output projection."""
+
+    def __init__(self, config: ModelConfig, *, sequence_parallel: bool, qkv_init: InitMethod,
+                 output_init: InitMethod, device: torch.device | str | None = None,
+                 force_torch_kernels: bool | None = None):
+        super().__init__()
+        tp = state.tp_size()
+        d, n_q, n_kv = config.head_dim, config.num_attention_heads, config.query_groups
+        self.head_dim = d
+        self.local_query_heads, self.local_kv_heads = n_q // tp, n_kv // tp
+        self.qkv = ColumnParallelLinear(config.hidden_size, (n_q + 2 * n_kv) * d,
+                                        output_partition_sizes=(n_q * d, n_kv * d, n_kv * d),
+                                        sequence_parallel=sequence_parallel, init_method=qkv_init,
+                                        params_dtype=config.torch_dtype, device=device)
+        self.dense = RowParallelLinear(n_q * d, config.hidden_size, input_is_parallel=True,
+                                       sequence_parallel=sequence_parallel, init_method=output_init,
+                                       params_dtype=config.torch_dtype, device=device)
+        self.force_torch_kernels = force_torch_kernels
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """[s, b, h] (or [s/t, b, h] with sequence parallel) -> the same shape."""
+        qkv = self.qkv(x)  # [s, b, (n_q/t + 2 n_kv/t) d]
+        s, b = qkv.shape[:2]
+        d = self.head_dim
+        q, k, v = qkv.split([self.local_query_heads * d, self.local_kv_heads * d, self.local_kv_heads * d], dim=-1)
+        q = apply_rotary(q.view(s, b, self.local_query_heads, d), cos, sin)
+        k = apply_rotary(k.view(s, b, self.local_kv_heads, d), cos, sin)
+        v = v.view(s, b, self.local_kv_heads, d)
+        # Decided on the first call (then cached): the device and dtype that count are the
+        # ones the model runs with, after any .cuda() or under autocast.
+        backend = attention_backend(q.device, q.dtype, self.force_torch_kernels)
+        context = core_attention(q, k, v, backend)  # [s, b, n_q/t, d]
+        return self.dense(context.reshape(s, b, self.local_query_heads * d))

@@ -1,0 +1,95 @@
+"""Choice between fused GPU kernels (flash-attn 2, apex RMSNorm) and their torch fallbacks.
+
+A fused kernel is used only when its package imports AND the activations are on CUDA
+(flash-attn also needs them in fp16/bf16). Modules ask at every call with the tensors they
+hold, so a model built on the CPU and moved with .cuda() still gets the fused kernels. Each
+decision is made once per (kernel, device type, dtype, forced), leaving out what cannot
+change it, and logged once on the "megagrow.model" logger. Force the torch path with
+`force_torch=True` (LlamaModel's `force_torch_kernels`) or the environment variable
+MEGAGROW_FORCE_TORCH_KERNELS=1, to debug a numerical difference or to test the fallback on
+a GPU machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("megagrow.model")
+
+FORCE_TORCH_KERNELS_ENV = "MEGAGROW_FORCE_TORCH_KERNELS"
+
+FLASH_ATTENTION = "flash-attn"
+SDPA = "torch-sdpa"
+APEX_RMSNORM = "apex-fused-rmsnorm"
+TORCH_RMSNORM = "torch-rmsnorm"
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _importable(module: str) -> bool:
+    # A broken install (e.g. flash-attn built for another CUDA) raises something other than
+    # ImportError; either way the kernel is unusable and the fallback is the right answer.
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def _forced(force_torch: bool | None) -> bool:
+    if force_torch is not None:
+        return force_torch
+    return os.environ.get(FORCE_TORCH_KERNELS_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+@functools.lru_cache(maxsize=None)
+def _choose(kind: str, device_type: str, dtype: torch.dtype | None, forced: bool) -> str:
+    if kind == "attention":
+        fused, fallback, module = FLASH_ATTENTION, SDPA, "flash_attn"
+    else:
+        fused, fallback, module = APEX_RMSNORM, TORCH_RMSNORM, "apex.normalization"
+    if forced:
+        choice, reason = fallback, f"forced by argument or {FORCE_TORCH_KERNELS_ENV}"
+    elif device_type != "cuda":
+        choice, reason = fallback, f"device is {device_type}, not cuda"
+    elif kind == "attention" and dtype not in _HALF_DTYPES:
+        choice, reason = fallback, f"flash-attn needs fp16/bf16, params are {dtype}"
+    elif not _importable(module):
+        choice, reason = fallback, f"{module} is not importable"
+    else:
+        choice, reason = fused, f"{module} importable on cuda"
+    logger.info("%s backend: %s (%s)", kind, choice, reason)
+    return choice
+
+
+def _decide(kind: str, device: torch.device | str | None, dtype: torch.dtype | None, force_torch: bool | None) -> str:
+    # Inputs that cannot change the outcome are dropped, so a forced or CPU choice is made
+    # (and logged) once however many devices and dtypes ask.
+    forced = _forced(force_torch)
+    device_type = torch.device(device or "cpu").type
+    if forced:
+        device_type, dtype = "any", None
+    elif device_type != "cuda":
+        dtype = None
+    return _choose(kind, device_type, dtype, forced)
+
+
+def attention_backend(device: torch.device | str | None, dtype: torch.dtype,
+                      force_torch: bool | None = None) -> str:
+    """FLASH_ATTENTION or SDPA for attention on `device` with params of `dtype`."""
+    return _decide("attention", device, dtype, force_torch)
+
+
+def norm_backend(device: torch.device | str | None, force_torch: bool | None = None) -> str:
+    """APEX_RMSNORM or TORCH_RMSNORM for RMSNorm on `device`."""
+    return _decide("rmsnorm", device, None, force_torch)
+
+
+def reset_backend_choices() -> None:
+    """Forget the cached choices so the next model decides (and logs) again; for tests."""
+    _choose.cache_clear()

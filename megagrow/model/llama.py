@@ -1,0 +1,184 @@
+"""Llama decoder: embedding, pre-norm blocks of attention and SwiGLU, final norm, output head.
+
+Activations are [s, b, h] (sequence first, as in Megatron): the sequence-parallel split is then
+a split of the leading dimension, and the tp collectives act on contiguous memory. With
+sequence parallelism on, everything outside the tensor-parallel regions (residual stream,
+norms) holds [s/t, b, h]: column-parallel inputs all-gather along the sequence and
+row-parallel outputs reduce-scatter back.
+
+A pipeline stage builds only its part: the embedding when `pre_process`, the final norm and
+output head when `post_process`, and the layers [start, end) of the global numbering. Layers
+are registered under their global number (`layers.7.…` on every stage), so checkpoints,
+conversion and growth tools see one naming whatever the pipeline split.
+
+Initialisation: every weight is drawn from its own generator, seeded from `seed` and the
+weight's global name (megagrow.parallel.layers.derive_seed), so a tp=4 or pp=2 model equals
+the tp=1 model with the same seed. Output projections (attention dense, MLP down) use
+std / sqrt(2 * num_layers), keeping the residual stream's variance independent of depth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from megagrow.config import ModelConfig, ParallelConfig, padded_vocab_size, validate_parallel
+from megagrow.errors import UserError
+from megagrow.model.attention import SelfAttention
+from megagrow.model.mlp import SwiGLUMLP
+from megagrow.model.norm import RMSNorm
+from megagrow.model.rope import RotaryEmbedding
+from megagrow.parallel import state
+from megagrow.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megagrow.parallel.layers import ColumnParallelLinear, InitMethod, VocabParallelEmbedding, derive_seed, normal_init
+from megagrow.parallel.mappings import gather_from_tp_region
+from megagrow.parallel.pipeline import partition_layers
+
+EMBEDDING_INIT_KEY = "embedding.word_embeddings.weight"
+
+
+def _padded_rows_init(init_method: InitMethod, real_rows: int) -> InitMethod:
+    # Vocabulary padding depends on tp; drawing only the real rows (padding stays zero) keeps
+    # the real rows identical at every tp.
+    def init(weight: torch.Tensor) -> None:
+        init_method(weight[:real_rows])
+        with torch.no_grad():
+            weight[real_rows:].zero_()
+
+    return init
+
+
+class LlamaDecoderLayer(nn.Module):
+    """x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_number: int, *, sequence_parallel: bool, seed: int,
+                 device: torch.device | str | None = None, force_torch_kernels: bool | None = None):
+        super().__init__()
+        std = config.init_method_std
+        output_std = std / math.sqrt(2.0 * config.num_layers)
+        prefix = f"layers.{layer_number}"
+
+        def init(name: str, scale: float) -> InitMethod:
+            return normal_init(scale, derive_seed(seed, f"{prefix}.{name}"))
+
+        norm_args = dict(sequence_parallel=sequence_parallel, params_dtype=config.torch_dtype, device=device,
+                         force_torch_kernels=force_torch_kernels)
+        self.input_norm = RMSNorm(config.hidden_size, config.norm_eps, **norm_args)
+        self.attention = SelfAttention(config, sequence_parallel=sequence_parallel,
+                                       qkv_init=init("attention.qkv.weight", std),
+                                       output_init=init("attention.dense.weight", output_std),
+                                       device=device, force_torch_kernels=force_torch_kernels)
+        self.post_attention_norm = RMSNorm(config.hidden_size, config.norm_eps, **norm_args)
+        self.mlp = SwiGLUMLP(config, sequence_parallel=sequence_parallel,
+                             gate_up_init=init("mlp.gate_up.weight", std),
+                             down_init=init("mlp.down.weight", output_std), device=device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """[s, b, h] (or [s/t, b, h] with sequence parallel) -> the same shape."""
+        x = x + self.attention(self.input_norm(x), cos, sin)
+        return x + self.mlp(self.post_attention_norm(x))
+
+
+class LlamaModel(nn.Module):
+    """One pipeline stage (the whole model when pp=1) of a tensor-parallel Llama.
+
+    `parallel` defaults to the sizes of megagrow.parallel.state (sequence parallelism off);
+    `pre_process`, `post_process` and `layer_range` default to this rank's pipeline stage
+    holding an equal share of the layers.
+    """
+
+    def __init__(self, config: ModelConfig, parallel: ParallelConfig | None = None, *,
+                 pre_process: bool | None = None, post_process: bool | None = None,
+                 layer_range: tuple[int, int] | None = None, seed: int = 1234,
+                 device: torch.device | str | None = None, force_torch_kernels: bool | None = None):
+        super().__init__()
+        parallel = parallel or ParallelConfig(tp=state.tp_size(), pp=state.pp_size(), dp=state.dp_size())
+        if parallel.tp != state.tp_size():
+            raise UserError(f"parallel config asks for tp={parallel.tp} but the process groups were initialized "
+                            f"with tp={state.tp_size()}")
+        validate_parallel(config, parallel)
+        self.config = config
+        self.sequence_parallel = parallel.sequence_parallel and parallel.tp > 1
+        self.pre_process = state.is_first_stage() if pre_process is None else pre_process
+        self.post_process = state.is_last_stage() if post_process is None else post_process
+        if layer_range is None:
+            stage_layers = partition_layers(config.num_layers, parallel.pp)[state.pp_rank()]
+            layer_range = (stage_layers.start, stage_layers.stop)
+        start, end = layer_range
+        if not 0 <= start <= end <= config.num_layers:
+            raise ValueError(f"layer range [{start}, {end}) is outside the model's {config.num_layers} layers")
+        self.layer_range = (start, end)
+        self.padded_vocab_size = padded_vocab_size(config.vocab_size, config.make_vocab_size_divisible_by,
+                                                   parallel.tp)
+        dtype = config.torch_dtype
+        embedding_init = _padded_rows_init(
+            normal_init(config.init_method_std, derive_seed(seed, EMBEDDING_INIT_KEY)), config.vocab_size)
+
+        self.embedding = None
+        if self.pre_process:
+            self.embedding = VocabParallelEmbedding(self.padded_vocab_size, config.hidden_size,
+                                                    sequence_parallel=self.sequence_parallel,
+                                                    init_method=embedding_init, params_dtype=dtype, device=device)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_positions, config.rope_theta)
+        self.layers = nn.ModuleDict({
+            str(number): LlamaDecoderLayer(config, number, sequence_parallel=self.sequence_parallel, seed=seed,
+                                           device=device, force_torch_kernels=force_torch_kernels)
+            for number in range(start, end)
+        })
+        self.final_norm = None
+        self.output_layer = None
+        if self.post_process:
+            self.final_norm = RMSNorm(config.hidden_size, config.norm_eps, sequence_parallel=self.sequence_parallel,
+                                      params_dtype=dtype, device=device, force_torch_kernels=force_torch_kernels)
+            shares_embedding = config.tie_embeddings and self.embedding is not None
+            # Tied but on another stage than the embedding: a copy drawn from the same seed;
+            # the pipeline keeps the copies equal by summing their grads over the embedding group.
+            head_init = embedding_init if config.tie_embeddings else _padded_rows_init(
+                normal_init(config.init_method_std, derive_seed(seed, "output_layer.weight")), config.vocab_size)
+            self.output_layer = ColumnParallelLinear(config.hidden_size, self.padded_vocab_size,
+                                                     sequence_parallel=self.sequence_parallel, init_method=head_init,
+                                                     params_dtype=dtype, device=device, skip_weight=shares_embedding)
+        if config.tie_embeddings:
+            for module in (self.embedding, self.output_layer):
+                if module is not None and module.weight is not None:
+                    module.weight.shared_embedding = True
+
+    def _output_weight(self) -> torch.Tensor:
+        return self.output_layer.weight if self.output_layer.weight is not None else self.embedding.weight
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, hidden_states: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                gather_logits: bool = True) -> torch.Tensor:
+        """Run this stage.
+
+        First stage takes input_ids [b, s]; later stages take hidden_states [s, b, h] (or
+        [s/t, b, h] with sequence parallel) from the previous stage. Non-last stages return
+        hidden states of that shape. The last stage returns, given labels [b, s], the per-token
+        loss [b, s]; otherwise logits [b, s, vocab_size] (gather_logits) or this rank's
+        padded vocabulary shard [b, s, padded_vocab/t].
+        """
+        if self.pre_process:
+            if input_ids is None:
+                raise ValueError("the first pipeline stage needs input_ids")
+            seq_length = input_ids.size(1)
+            x = self.embedding(input_ids.t())
+        else:
+            if hidden_states is None:
+                raise ValueError("a stage without the embedding needs hidden_states from the previous stage")
+            x = hidden_states
+            seq_length = x.size(0) * (state.tp_size() if self.sequence_parallel else 1)
+        cos, sin = self.rotary(seq_length, position_ids, device=x.device)
+        for layer in self.layers.values():
+            x = layer(x, cos, sin)
+        if not self.post_process:
+            return x
+
+        logits = self.output_layer(self.final_norm(x), weight=self._output_weight())  # [s, b, padded_vocab/t]
+        if labels is not None:
+            loss = vocab_parallel_cross_entropy(logits, labels.t(), self.config.vocab_size)
+            return loss.t()
+        if gather_logits:
+            logits = gather_from_tp_region(logits)[..., :self.config.vocab_size]
+        return logits.transpose(0, 1)

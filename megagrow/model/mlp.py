@@ -1,0 +1,41 @@
+"""SwiGLU feed-forward block: down(silu(gate(x)) * up(x)), tensor-parallel over the FFN width.
+
+Fused gate/up layout. One ColumnParallelLinear with two blocks sharded over tp on their own
+(see megagrow.parallel.layers):
+
+    full weight   [W_gate; W_up]                     each [ffn, h]
+    rank r holds  [W_gate rows r*ffn/t .. (r+1)*ffn/t - 1;
+                   W_up rows of the same range]
+
+so W_gate and W_up are HF's gate_proj and up_proj unchanged, and each rank multiplies the
+gate and up channels it owns without communication. The down projection is row-parallel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megagrow.config import ModelConfig
+from megagrow.parallel.layers import ColumnParallelLinear, InitMethod, RowParallelLinear
+
+
+class SwiGLUMLP(nn.Module):
+    """Column-parallel fused gate/up projection, SiLU gating, row-parallel down projection."""
+
+    def __init__(self, config: ModelConfig, *, sequence_parallel: bool, gate_up_init: InitMethod,
+                 down_init: InitMethod, device: torch.device | str | None = None):
+        super().__init__()
+        ffn = config.ffn_hidden_size
+        self.gate_up = ColumnParallelLinear(config.hidden_size, 2 * ffn, output_partition_sizes=(ffn, ffn),
+                                            sequence_parallel=sequence_parallel, init_method=gate_up_init,
+                                            params_dtype=config.torch_dtype, device=device)
+        self.down = RowParallelLinear(ffn, config.hidden_size, input_is_parallel=True,
+                                      sequence_parallel=sequence_parallel, init_method=down_init,
+                                      params_dtype=config.torch_dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[s, b, h] (or [s/t, b, h] with sequence parallel) -> the same shape."""
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # each [s, b, ffn/t]
+        return self.down(F.silu(gate) * up)

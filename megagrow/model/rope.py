@@ -1,0 +1,57 @@
+"""Rotary position embeddings (RoPE) in the rotate-half convention.
+
+Channel i of a head is paired with channel i + d/2 (not with its neighbour 2i+1), which is the
+convention of HF Llama: q/k projection weights convert between the two codebases with no
+permutation of rows. Frequencies: theta^(-2i/d) for i < d/2, repeated for both halves.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dimension."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [s, b, n, d] by the angles of cos/sin [s, b or 1, 1, d]; computed in float32."""
+    x32 = x.float()
+    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Cos/sin tables for positions [0, max_positions), looked up per token."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float):
+        super().__init__()
+        self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
+        # Plain tensors, not buffers: model.to(torch.bfloat16) must not round the angles (at
+        # position 4000 bf16 cos/sin would be visibly wrong). One float32 copy per device.
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _cos_sin(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._tables:
+            inv_freq = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
+            angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), inv_freq)
+            angles = torch.cat((angles, angles), dim=-1)
+            self._tables[device] = (angles.cos().float().to(device), angles.sin().float().to(device))
+        return self._tables[device]
+
+    def forward(self, seq_length: int, position_ids: torch.Tensor | None = None,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [s, b or 1, 1, d] for position_ids [b, s] (default 0..s-1 for every sequence)."""
+        cos, sin = self._cos_sin(torch.device(device))
+        if position_ids is None:
+            if seq_length > self.max_positions:
+                raise ValueError(f"sequence of {seq_length} tokens exceeds max_position_embeddings "
+                                 f"{self.max_positions}")
+            return cos[:seq_length, None, None, :], sin[:seq_length, None, None, :]
+        positions = position_ids.t()
+        return cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, max_positions={self.max_positions}, theta={self.theta}"

@@ -1,0 +1,1 @@
+"""Tensor, sequence, pipeline and data parallelism: process groups, communication ops, sharded layers."""
