@@ -1,6 +1,7 @@
 """Configuration dataclasses, named presets, and the parameter / FLOP arithmetic derived from them.
 
-`ModelConfig` describes a Llama architecture, `ParallelConfig` how it is split over ranks.
+`ModelConfig` describes a Llama architecture, `ParallelConfig` how it is split over ranks,
+`TrainConfig` how it is trained and `DataConfig` where its tokens come from.
 Both validate on construction, so a bad combination fails at start-up with one line
 naming the field, not deep inside a forward pass.
 """
@@ -8,7 +9,7 @@ naming the field, not deep inside a forward pass.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -191,3 +192,80 @@ def model_preset(name: str, **overrides) -> ModelConfig:
     if name not in MODEL_PRESETS:
         raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(sorted(MODEL_PRESETS))}")
     return MODEL_PRESETS[name]().replace(**overrides)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """How to train: batch, schedule, optimizer, precision, checkpoints and logging (Megatron's flag names)."""
+
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    train_iters: int | None = None
+    train_tokens: int | None = None  # alternative to train_iters; converted with the batch and seq length
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None  # None: decay over the whole run
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    precision: str = "fp32"
+    # fp16 dynamic loss scaling (Megatron's flags and defaults).
+    initial_loss_scale: float = 2.0**32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    seed: int = 1234
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = True
+    # Explicit layers per pipeline stage, e.g. [5, 6, 6, 5]; None splits evenly.
+    pipeline_layer_split: list[int] | None = None
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    eval_interval: int | None = 1000
+    eval_iters: int = 10
+    log_interval: int = 100
+    tensorboard_dir: str | None = None
+    metrics_file: str | None = None  # default: {save}/metrics.jsonl, else runs/metrics.jsonl
+    max_consecutive_skipped_steps: int = 10
+    peak_tflops: float | None = None  # per-device peak for MFU; default from the device table
+    exit_on_signal: bool = True  # SIGTERM/SIGINT: save a checkpoint at the end of the iteration, then exit
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        for name in ("micro_batch_size", "global_batch_size", "eval_iters", "log_interval"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.train_iters is not None and self.train_tokens is not None:
+            raise UserError("--train-iters and --train-tokens both given; pass one")
+        if self.train_iters is None and self.train_tokens is None:
+            raise UserError("give the length of the run with --train-iters or --train-tokens")
+        if self.save_interval is not None and self.save is None:
+            raise UserError("--save-interval needs --save DIR")
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from: Megatron's --data-path blend, split, tokenizer and index cache."""
+
+    data_path: list[str] = field(default_factory=list)
+    split: str = "969,30,1"
+    tokenizer_model: str | None = None
+    data_cache_path: str | None = None
+    num_workers: int = 0
+    # Synthetic uniform tokens instead of a dataset: for smoke tests and benchmarks only.
+    mock_data: bool = False
+
+    def __post_init__(self):
+        if not self.data_path and not self.mock_data:
+            raise UserError("no training data: pass --data-path PREFIX (or weight/prefix pairs), or --mock-data")

@@ -124,10 +124,15 @@ def save_checkpoint(
     tp_rank: int = 0,
     pp_rank: int = 0,
     pp_size: int = 1,
+    extra_files: dict[str, dict[str, Any]] | None = None,
     barrier: Callable[[], None] = _default_barrier,
     is_coordinator: Callable[[], bool] = _default_is_coordinator,
 ) -> Path:
-    """Collectively save one iteration; ranks with `shard_state=None` (dp replicas) write nothing."""
+    """Collectively save one iteration; ranks with `shard_state=None` (dp replicas) write nothing.
+
+    `extra_files` (name -> state) are written beside the shard file by this rank, e.g. the
+    per-dp-rank optimizer slices of the distributed optimizer.
+    """
     root = Path(root)
     final_dir = iteration_dir(root, iteration)
     tmp_dir = final_dir.with_name(final_dir.name + ".tmp")
@@ -137,11 +142,14 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         tmp_dir.mkdir()
     barrier()
+    files = dict(extra_files or {})
     if shard_state is not None:
-        target = tmp_dir / shard_dir_name(tp_rank, pp_rank, pp_size) / SHARD_FILENAME
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "wb") as f:
-            torch.save(shard_state, f)
+        files[SHARD_FILENAME] = shard_state
+    shard_dir = tmp_dir / shard_dir_name(tp_rank, pp_rank, pp_size)
+    for name, content in files.items():
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        with open(shard_dir / name, "wb") as f:
+            torch.save(content, f)
             f.flush()
             os.fsync(f.fileno())
     barrier()
@@ -170,13 +178,14 @@ def load_shard(
     tp_rank: int = 0,
     pp_rank: int = 0,
     pp_size: int = 1,
+    filename: str = SHARD_FILENAME,
 ) -> dict[str, Any]:
-    """Load one shard (latest iteration by default) with weights_only=True."""
+    """Load one shard's file (model_optim_rng.pt of the latest iteration by default) with weights_only=True."""
     if iteration is None:
         iteration = read_tracker(root)
         if iteration is None:
             raise UserError(f"no checkpoint in {root}: {TRACKER_FILENAME} is missing (check --load)")
-    path = shard_path(root, iteration, tp_rank, pp_rank, pp_size)
+    path = shard_path(root, iteration, tp_rank, pp_rank, pp_size).with_name(filename)
     if not path.is_file():
         try:
             tp, pp = checkpoint_layout(root, iteration)

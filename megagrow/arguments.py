@@ -1,0 +1,211 @@
+"""Megatron-style command-line flags (and `--config file.yaml`) turned into validated configs.
+
+Precedence, lowest first: ModelConfig defaults, `--model-preset`, the YAML file, explicit
+flags. YAML keys are the flag names with underscores (`num_layers: 4`). Megatron flags
+that only restate what a Llama model is (`--swiglu`, `--normalization RMSNorm`, ...) are
+accepted so existing launch scripts run; values megagrow cannot honour are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from megagrow.config import DataConfig, ModelConfig, ParallelConfig, TrainConfig, model_preset, validate_parallel
+from megagrow.errors import UserError
+from megagrow.parallel.pipeline import partition_layers
+
+# flag dest -> ModelConfig field (where the names differ)
+_MODEL_FIELDS = {
+    "num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads", "num_query_groups": "num_query_groups",
+    "seq_length": "seq_length", "max_position_embeddings": "max_position_embeddings",
+    "vocab_size": "vocab_size", "rotary_base": "rope_theta", "norm_epsilon": "norm_eps",
+    "make_vocab_size_divisible_by": "make_vocab_size_divisible_by", "init_method_std": "init_method_std",
+}
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run is configured by."""
+
+    model: ModelConfig
+    parallel: ParallelConfig
+    train: TrainConfig
+    data: DataConfig
+    tokenizer_type: str = "SentencePieceTokenizer"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The pretrain_gpt.py argument parser (every default None, so set flags can be told apart)."""
+    p = argparse.ArgumentParser(description="Pre-train a Llama model (Megatron-style flags)", argument_default=None)
+    p.add_argument("--config", help="YAML file of settings (keys are flag names with underscores)")
+    p.add_argument("--model-preset", help="start from a named architecture: tinyllama-1.1b, llama2-7b, tiny, small-cpu")
+    g = p.add_argument_group("model")
+    for flag, kind in (("--num-layers", int), ("--hidden-size", int), ("--ffn-hidden-size", int),
+                       ("--num-attention-heads", int), ("--num-query-groups", int), ("--seq-length", int),
+                       ("--max-position-embeddings", int), ("--vocab-size", int), ("--rotary-base", float),
+                       ("--norm-epsilon", float), ("--make-vocab-size-divisible-by", int),
+                       ("--init-method-std", float)):
+        g.add_argument(flag, type=kind)
+    g.add_argument("--untie-embeddings-and-output-weights", dest="tie_embeddings", action="store_false", default=None,
+                   help="separate output head (Llama's default here)")
+    g.add_argument("--tie-embeddings", dest="tie_embeddings", action="store_true", default=None,
+                   help="share embedding and head")
+    g = p.add_argument_group("Megatron flags that restate the Llama architecture (accepted, checked)")
+    for flag in ("--swiglu", "--disable-bias-linear", "--use-rotary-position-embeddings", "--no-position-embedding",
+                 "--group-query-attention", "--use-flash-attn", "--no-masked-softmax-fusion"):
+        g.add_argument(flag, action="store_true")
+    g.add_argument("--normalization")
+    g.add_argument("--position-embedding-type")
+    g.add_argument("--attention-dropout", type=float)
+    g.add_argument("--hidden-dropout", type=float)
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int)
+    g.add_argument("--pipeline-model-parallel-size", type=int)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--no-overlap-grad-reduce", dest="overlap_grad_reduce", action="store_false", default=None)
+    g.add_argument("--pipeline-layer-split", type=int, nargs="+", help="layers per stage, e.g. 5 6 6 5")
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"])
+    g.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    g = p.add_argument_group("training")
+    for flag, kind in (("--micro-batch-size", int), ("--global-batch-size", int), ("--train-iters", int),
+                       ("--train-tokens", int), ("--lr", float), ("--min-lr", float), ("--lr-warmup-iters", int),
+                       ("--lr-decay-iters", int), ("--weight-decay", float), ("--clip-grad", float),
+                       ("--adam-beta1", float), ("--adam-beta2", float), ("--adam-eps", float), ("--seed", int),
+                       ("--max-consecutive-skipped-steps", int), ("--peak-tflops", float),
+                       ("--initial-loss-scale", float), ("--min-loss-scale", float), ("--loss-scale-window", int),
+                       ("--hysteresis", int)):
+        g.add_argument(flag, type=kind)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"])
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", help="a dataset prefix, or weight/prefix pairs, or @mix.txt")
+    g.add_argument("--split")
+    g.add_argument("--tokenizer-type")
+    g.add_argument("--tokenizer-model")
+    g.add_argument("--data-cache-path")
+    g.add_argument("--num-workers", type=int)
+    g.add_argument("--mock-data", action="store_true", help="random tokens (smoke tests, benchmarks)")
+    g = p.add_argument_group("checkpoints and logging")
+    for flag, kind in (("--save", str), ("--load", str), ("--save-interval", int), ("--eval-interval", int),
+                       ("--eval-iters", int), ("--log-interval", int), ("--tensorboard-dir", str),
+                       ("--metrics-file", str)):
+        g.add_argument(flag, type=kind)
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--exit-signal-handler", action="store_true", help="accepted; SIGTERM always saves and exits")
+    return p
+
+
+def _explicit(namespace: argparse.Namespace) -> dict:
+    """Flags the user set: store_true flags count only when True, others when not None."""
+    flags_that_may_be_false = {"tie_embeddings", "overlap_grad_reduce"}
+    return {k: v for k, v in vars(namespace).items()
+            if v is not None and (v is not False or k in flags_that_may_be_false)}
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as err:
+        raise UserError(f"--config {path}: cannot read it ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a mapping of settings, found {type(values).__name__}")
+    known = {a.dest for a in build_parser()._actions}
+    unknown = sorted(k.replace("-", "_") for k in values if k.replace("-", "_") not in known)
+    if unknown:
+        raise UserError(f"--config {path}: unknown settings {', '.join(unknown)}; use the flag names with underscores")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def _check_llama_flags(v: dict) -> None:
+    if v.get("normalization", "RMSNorm") != "RMSNorm":
+        raise UserError(f"--normalization {v['normalization']}: megagrow builds Llama models, which use RMSNorm")
+    if v.get("position_embedding_type", "rope") != "rope":
+        raise UserError(f"--position-embedding-type {v['position_embedding_type']}: Llama models use rope")
+    for name in ("attention_dropout", "hidden_dropout"):
+        if v.get(name, 0.0) != 0.0:
+            raise UserError(f"--{name.replace('_', '-')} {v[name]}: dropout is not supported (Llama pre-training uses none)")
+    if v.get("bf16") and v.get("fp16"):
+        raise UserError("--bf16 and --fp16 both given; choose one precision")
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    """Parse flags (plus YAML and preset) into a validated RunConfig, or raise UserError with one line."""
+    namespace = build_parser().parse_args(argv)
+    values = _explicit(namespace)
+    if "config" in values:
+        values = {**_read_yaml(values["config"]), **values}
+    _check_llama_flags(values)
+
+    model_fields = {field: values[flag] for flag, field in _MODEL_FIELDS.items() if flag in values}
+    if "tie_embeddings" in values:
+        model_fields["tie_embeddings"] = values["tie_embeddings"]
+    if values.get("tokenizer_model"):
+        tokenizer_vocab = _tokenizer_vocab_size(values)
+        if model_fields.setdefault("vocab_size", tokenizer_vocab) != tokenizer_vocab:
+            raise UserError(f"--vocab-size {model_fields['vocab_size']} differs from the {tokenizer_vocab} pieces of "
+                            f"--tokenizer-model {values['tokenizer_model']}; drop --vocab-size to use the tokenizer's")
+    if "model_preset" in values:
+        model = model_preset(values["model_preset"], **model_fields)
+    else:
+        required = ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
+        missing = [f"--{name.replace('_', '-')}" for name in required if name not in model_fields]
+        if missing:
+            raise UserError(f"model shape not given: pass {', '.join(missing)} or --model-preset NAME")
+        model_fields.setdefault("ffn_hidden_size", 4 * model_fields["hidden_size"])
+        model_fields.setdefault("vocab_size", 32000)
+        model = ModelConfig(**model_fields)
+
+    tp = values.get("tensor_model_parallel_size", 1)
+    pp = values.get("pipeline_model_parallel_size", 1)
+    world = _world_size()
+    if world % (tp * pp):
+        raise UserError(f"world size {world} is not divisible by tensor x pipeline parallel size {tp} x {pp}; "
+                        f"launch a multiple of {tp * pp} processes")
+    parallel = ParallelConfig(tp=tp, pp=pp, dp=world // (tp * pp), sequence_parallel=values.get("sequence_parallel", False))
+    split = values.get("pipeline_layer_split")
+    partition_layers(model.num_layers, pp, split)  # refuses an impossible split with one line
+    validate_parallel(model, parallel)
+
+    precision = "bf16" if values.get("bf16") else "fp16" if values.get("fp16") else "fp32"
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train = TrainConfig(precision=precision, pipeline_layer_split=split,
+                        **{k: v for k, v in values.items() if k in train_fields and k not in ("precision", "pipeline_layer_split")})
+    per_step = train.micro_batch_size * parallel.dp
+    if train.global_batch_size % per_step:
+        raise UserError(f"--global-batch-size {train.global_batch_size} is not divisible by --micro-batch-size "
+                        f"{train.micro_batch_size} x data-parallel size {parallel.dp}; make it a multiple of {per_step}")
+    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
+    data = DataConfig(**{k: v for k, v in values.items() if k in data_fields})
+    tokenizer_type = values.get("tokenizer_type", "SentencePieceTokenizer")
+    return RunConfig(model, parallel, train, data, tokenizer_type)
+
+
+def _tokenizer_vocab_size(values: dict) -> int:
+    from megagrow.data.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(values.get("tokenizer_type", "SentencePieceTokenizer"), values["tokenizer_model"])
+    return tokenizer.vocab_size
+
+
+def describe(config: RunConfig) -> str:
+    """A short multi-line summary of the run's settings for the start-up log."""
+    lines = [f"model     {dataclasses.asdict(config.model)}", f"parallel  {dataclasses.asdict(config.parallel)}",
+             f"train     {dataclasses.asdict(config.train)}", f"data      {dataclasses.asdict(config.data)}"]
+    return "\n".join(lines)
+

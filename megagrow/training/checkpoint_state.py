@@ -1,0 +1,125 @@
+"""What a training checkpoint holds, and putting it back into a Trainer.
+
+Each (tp, pp) shard's `model_optim_rng.pt`, written by dp rank 0:
+
+    model            the stage's state dict (tp-sharded tensors, global layer numbers)
+    optimizer        fp32 masters + Adam state (absent with the distributed optimizer,
+                     whose per-dp-rank slices go to distrib_optim_dpRRR.pt beside it)
+    scheduler        learning-rate schedule position
+    progress         iteration, consumed samples, skipped steps
+    rng              Python / numpy / torch generator states
+    config           model, parallel and train settings (plain dicts)
+    growth           (grown checkpoints only) how the model was grown
+
+A shard with only `model` and `config` (an exported, converted or grown model) loads as
+the start of a new run: fresh optimizer, iteration 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from megagrow.errors import UserError
+from megagrow.parallel import state
+from megagrow.training.checkpointing import (
+    get_rng_state,
+    load_shard,
+    read_tracker,
+    save_checkpoint,
+    set_rng_state,
+)
+from megagrow.config import TrainConfig
+
+logger = logging.getLogger("megagrow.training")
+CHECKPOINT_VERSION = 1
+# Model fields that may differ between a checkpoint and the run loading it.
+_COMPATIBLE_MODEL_FIELDS = {"params_dtype", "seq_length", "max_position_embeddings", "init_method_std"}
+
+
+def metrics_path(train: TrainConfig) -> Path:
+    """JSONL metrics file: --metrics-file, else beside the checkpoints, else runs/metrics.jsonl."""
+    if train.metrics_file:
+        return Path(train.metrics_file)
+    return Path(train.save) / "metrics.jsonl" if train.save else Path("runs") / "metrics.jsonl"
+
+
+def _distributed_optimizer_file(dp_rank: int) -> str:
+    return f"distrib_optim_dp{dp_rank:03d}.pt"
+
+
+def config_record(trainer) -> dict:
+    """The run's configuration as plain types, stored in every checkpoint."""
+    return {"model": asdict(trainer.model_config), "parallel": asdict(trainer.parallel), "train": asdict(trainer.train)}
+
+
+def save(trainer) -> None:
+    """Collectively save the trainer's state at its current iteration to --save."""
+    sharded_optimizer = trainer.optimizer.shard_over_dp
+    shard = None
+    if state.dp_rank() == 0:
+        shard = {
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "model": trainer.model.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "progress": asdict(trainer.progress),
+            "rng": get_rng_state(),
+            "config": config_record(trainer),
+        }
+        if not sharded_optimizer:
+            shard["optimizer"] = trainer.optimizer.state_dict()
+    extra = {_distributed_optimizer_file(state.dp_rank()): trainer.optimizer.state_dict()} if sharded_optimizer else None
+    path = save_checkpoint(trainer.train.save, trainer.progress.iteration, shard, tp_rank=state.tp_rank(),
+                           pp_rank=state.pp_rank(), pp_size=state.pp_size(), extra_files=extra)
+    logger.info("saved checkpoint %s", path)
+
+
+def check_model_config(saved: dict, current: dict, where: str) -> None:
+    """Refuse a checkpoint whose architecture differs from the run's, naming every differing field."""
+    differing = [
+        f"{name} {saved.get(name)!r} (checkpoint) vs {current.get(name)!r} (this run)"
+        for name in sorted(set(saved) | set(current))
+        if name not in _COMPATIBLE_MODEL_FIELDS and saved.get(name) != current.get(name)
+    ]
+    if differing:
+        raise UserError(f"--load {where}: the checkpoint's model differs from this run's: {'; '.join(differing)}; "
+                        f"pass the same model flags (or grow/convert the checkpoint first)")
+
+
+def load(trainer) -> None:
+    """Restore the trainer from --load (latest iteration); no checkpoint there means a fresh start."""
+    root, train = trainer.train.load, trainer.train
+    iteration = read_tracker(root)
+    if iteration is None:
+        logger.warning("--load %s holds no checkpoint yet; training from scratch", root)
+        return
+    location = dict(iteration=iteration, tp_rank=state.tp_rank(), pp_rank=state.pp_rank(), pp_size=state.pp_size())
+    shard = load_shard(root, **location)
+    check_model_config(shard.get("config", {}).get("model", {}), asdict(trainer.model_config), str(root))
+    missing, unexpected = trainer.model.load_state_dict(shard["model"], strict=False)
+    if missing or unexpected:
+        raise UserError(f"--load {root}: shard tensors do not match this stage (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}); was it saved with another --pipeline-layer-split?")
+    # Masters are copies of the weights: rebuild them from the loaded weights first, so a
+    # checkpoint without optimizer state starts from the right masters.
+    trainer.optimizer.sync_masters_from_model()
+    if "progress" not in shard:
+        logger.info("loaded model weights from %s (iteration %d); starting a new run at iteration 0", root, iteration)
+        return
+    if not train.no_load_optim:
+        if trainer.optimizer.shard_over_dp:
+            optimizer_state = load_shard(root, filename=_distributed_optimizer_file(state.dp_rank()), **location)
+        else:
+            optimizer_state = shard.get("optimizer")
+        if optimizer_state is None:
+            raise UserError(f"--load {root}: the checkpoint has no optimizer state for this layout; "
+                            f"pass --no-load-optim to start the optimizer afresh")
+        trainer.optimizer.load_state_dict(optimizer_state)
+        trainer.scheduler.load_state_dict(shard["scheduler"])
+    for name, value in shard["progress"].items():
+        setattr(trainer.progress, name, value)
+    if not train.no_load_rng:
+        set_rng_state(shard["rng"])
+    logger.info("resumed from %s at iteration %d (%d samples consumed)", root, iteration,
+                trainer.progress.consumed_samples)

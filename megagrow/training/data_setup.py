@@ -1,0 +1,70 @@
+"""Datasets and per-rank micro-batch iterators for training and validation.
+
+Every rank of a tensor-parallel group reads the same micro-batches (the sampler only
+depends on the data-parallel coordinates), so no broadcast of batches is needed; only the
+first and last pipeline stages read data at all (tokens in, labels out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from megagrow.data.blended_dataset import build_blended_datasets
+from megagrow.data.gpt_dataset import GPTDatasetConfig
+from megagrow.data.sampler import build_pretraining_data_loader
+from megagrow.config import DataConfig
+
+
+class MockGPTDataset(torch.utils.data.Dataset):
+    """Uniformly random tokens, a pure function of (seed, index): for smoke tests and benchmarks."""
+
+    def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int):
+        self.num_samples, self.seq_length, self.vocab_size, self.seed = num_samples, seq_length, vocab_size, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, idx: int) -> dict:
+        rng = np.random.default_rng([self.seed, idx])
+        return {"tokens": torch.from_numpy(rng.integers(0, self.vocab_size, self.seq_length + 1, dtype=np.int64))}
+
+
+@dataclass
+class SampleCounts:
+    """Samples each split must provide for a run."""
+
+    train: int
+    valid: int
+    test: int
+
+
+def sample_counts(train_iters: int, global_batch_size: int, eval_iters: int, evaluates: bool) -> SampleCounts:
+    """Train samples for every iteration; valid and test samples for --eval-iters global batches.
+
+    Every evaluation reads the same first batches of the valid split, so successive
+    validation losses differ only by the model (the BiMix fit relies on that).
+    """
+    eval_samples = eval_iters * global_batch_size if evaluates else 0
+    return SampleCounts(train_iters * global_batch_size, eval_samples, eval_samples)
+
+
+def build_datasets(data: DataConfig, seq_length: int, vocab_size: int, seed: int, counts: SampleCounts):
+    """(train, valid) datasets for the run; valid is None when the split gives it no documents."""
+    if data.mock_data:
+        return (MockGPTDataset(counts.train, seq_length, vocab_size, seed),
+                MockGPTDataset(max(counts.valid, 1), seq_length, vocab_size, seed + 1))
+    config = GPTDatasetConfig(seq_length=seq_length, seed=seed, split=data.split, cache_path=data.data_cache_path)
+    train, valid, _ = build_blended_datasets(data.data_path, config, [counts.train, counts.valid, None])
+    return train, valid
+
+
+def micro_batch_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                         num_workers: int) -> Iterator[dict]:
+    """Endless-as-needed iterator of this rank's micro-batches, resuming at consumed_samples."""
+    loader = build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, dp_rank, dp_size,
+                                           num_workers=num_workers)
+    return iter(loader)

@@ -1,0 +1,329 @@
+"""The pre-training loop: one pipeline stage of a tp-sharded Llama per rank, 1F1B, dp reduction.
+
+Per iteration: global_batch / (micro_batch * dp) micro-batches run through the 1F1B
+schedule; gradients accumulate in fp32 `main_grad` buffers and are averaged over dp as
+they land; replicated gradients are summed where a parameter has several partial copies
+(sequence-parallel norms over tp, tied embeddings over the first/last stage); then the
+fp32 master weights take one clipped AdamW step. The loss is known on the last stage; it
+is averaged over dp and sent to global rank 0, which logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megagrow.config import DataConfig, ModelConfig, ParallelConfig, TrainConfig, training_flops_per_token
+from megagrow.errors import UserError
+from megagrow.model.llama import LlamaModel
+from megagrow.parallel import state
+from megagrow.parallel.data_parallel import DataParallelGradReducer
+from megagrow.parallel.layers import sync_sequence_parallel_grads
+from megagrow.parallel.pipeline import (
+    PipelineCommunicator,
+    current_stage_position,
+    forward_backward_1f1b,
+    forward_only,
+    partition_layers,
+)
+from megagrow.training import checkpoint_state
+from megagrow.training.data_setup import build_datasets, micro_batch_iterator, sample_counts
+from megagrow.training.loss_scaler import DynamicLossScaler, LossScalerConfig
+from megagrow.training.lr_schedule import LRScheduleConfig, LRScheduler
+from megagrow.training.metrics import MetricsWriter, measure_throughput, peak_tflops
+from megagrow.training.mixed_precision import MixedPrecisionOptimizer
+from megagrow.training.optimizer import OptimizerConfig
+
+logger = logging.getLogger("megagrow.training")
+
+_PARAMS_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass
+class TrainProgress:
+    """Where the run is; saved in every checkpoint."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+    consecutive_skipped_steps: int = 0
+
+
+def resolve_train_iters(train: TrainConfig, seq_length: int) -> int:
+    """--train-iters, or --train-tokens converted to whole iterations."""
+    if train.train_iters is not None:
+        return train.train_iters
+    return math.ceil(train.train_tokens / (train.global_batch_size * seq_length))
+
+
+def micro_batches_per_step(train: TrainConfig, dp: int) -> int:
+    """Micro-batches each dp rank runs per iteration; refuses batches that do not divide."""
+    per_step = train.micro_batch_size * dp
+    if train.global_batch_size % per_step:
+        raise UserError(f"--global-batch-size {train.global_batch_size} is not divisible by --micro-batch-size "
+                        f"{train.micro_batch_size} x data-parallel size {dp}; make it a multiple of {per_step}")
+    return train.global_batch_size // per_step
+
+
+class Trainer:
+    """Builds this rank's stage, optimizer and data, and runs (or resumes) training."""
+
+    def __init__(self, model_config: ModelConfig, parallel: ParallelConfig, train: TrainConfig, data: DataConfig):
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.model_config = model_config.replace(params_dtype=_PARAMS_DTYPE[train.precision])
+        self.parallel, self.train, self.data = parallel, train, data
+        self.train_iters = resolve_train_iters(train, model_config.seq_length)
+        self.num_micro_batches = micro_batches_per_step(train, parallel.dp)
+        self.progress = TrainProgress()
+        self.losses: list[tuple[int, float]] = []  # (iteration, loss) of this process's run, for tests and tools
+        self.stop_requested = False
+
+        ranges = partition_layers(model_config.num_layers, parallel.pp, train.pipeline_layer_split)
+        stage_layers = ranges[state.pp_rank()]
+        self.model = LlamaModel(self.model_config, parallel, layer_range=(stage_layers.start, stage_layers.stop),
+                                seed=train.seed, device=self.device)
+        self.reducer = DataParallelGradReducer(self.model.parameters(), group=state.dp_group(),
+                                               overlap=train.overlap_grad_reduce,
+                                               reduce_scatter=train.use_distributed_optimizer)
+        scaler = None
+        if train.precision == "fp16":
+            scaler = DynamicLossScaler(LossScalerConfig(train.initial_loss_scale, train.min_loss_scale,
+                                                        train.loss_scale_window, train.hysteresis))
+        self.optimizer = MixedPrecisionOptimizer(
+            self.reducer,
+            OptimizerConfig(lr=train.lr, weight_decay=train.weight_decay, adam_beta1=train.adam_beta1,
+                            adam_beta2=train.adam_beta2, adam_eps=train.adam_eps),
+            clip_grad=train.clip_grad, loss_scaler=scaler, shard_over_dp=train.use_distributed_optimizer)
+        self.scheduler = LRScheduler(self.optimizer, LRScheduleConfig(
+            lr=train.lr, min_lr=train.min_lr, warmup_steps=train.lr_warmup_iters,
+            decay_steps=train.lr_decay_iters or self.train_iters, decay_style=train.lr_decay_style))
+
+        seq_per_rank = model_config.seq_length // (parallel.tp if self.model.sequence_parallel else 1)
+        activation_shape = (seq_per_rank, train.micro_batch_size, model_config.hidden_size)  # [s(/tp), b, h]
+        self.position = current_stage_position()
+        self.comm = PipelineCommunicator(self.position, activation_shape, self.model_config.torch_dtype, self.device)
+        self.flops_per_token = training_flops_per_token(model_config)
+        device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.peak_tflops = peak_tflops(device_name, train.peak_tflops)
+        self.metrics = None
+        if dist.get_rank() == 0 if dist.is_initialized() else True:
+            self.metrics = MetricsWriter(checkpoint_state.metrics_path(train), train.tensorboard_dir)
+
+        if train.load:
+            checkpoint_state.load(self)
+        counts = sample_counts(self.train_iters, train.global_batch_size, train.eval_iters, bool(train.eval_interval))
+        self.train_dataset, self.valid_dataset = None, None
+        self.train_iterator = None
+        if self.reads_data:
+            self.train_dataset, self.valid_dataset = build_datasets(
+                data, model_config.seq_length, model_config.vocab_size, train.seed, counts)
+            if self.progress.iteration < self.train_iters:
+                self.train_iterator = micro_batch_iterator(
+                    self.train_dataset, self.progress.consumed_samples, train.micro_batch_size, state.dp_rank(),
+                    parallel.dp, data.num_workers)
+        self.has_valid = self._all_ranks_agree(self.valid_dataset is not None or not self.reads_data)
+        if train.eval_interval and not self.has_valid:
+            logger.warning("no validation data (the --split gives the valid split no documents); skipping evaluation")
+
+    @property
+    def reads_data(self) -> bool:
+        """Only the first stage (tokens) and the last stage (labels) read batches."""
+        return self.position.is_first or self.position.is_last
+
+    def _all_ranks_agree(self, flag: bool) -> bool:
+        value = torch.tensor(float(flag), device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(value, op=dist.ReduceOp.MIN)  # [] true only if true everywhere
+        return bool(value.item())
+
+    # ---- one iteration ------------------------------------------------------------------
+
+    def _forward_step(self, batches):
+        def step(index: int, hidden: torch.Tensor | None) -> torch.Tensor:
+            tokens = batches[index]["tokens"].to(self.device) if batches is not None else None
+            output = self.model(tokens[:, :-1] if self.position.is_first else None, hidden_states=hidden,
+                                labels=tokens[:, 1:] if self.position.is_last else None)
+            return output.float().mean() if self.position.is_last else output
+
+        return step
+
+    def _next_batches(self, iterator, count: int):
+        if iterator is None:
+            return None
+        try:
+            return [next(iterator) for _ in range(count)]
+        except StopIteration:
+            raise UserError("the training data ran out before --train-iters; "
+                            "check --split and the dataset size") from None
+
+    def _sync_replicated_grads(self) -> None:
+        # Partial gradients of one parameter held on several ranks: sum them. Sums over tp
+        # or stages commute with the dp average, so this can follow the dp reduction.
+        if self.model.sequence_parallel:
+            sync_sequence_parallel_grads(self.model, use_main_grad=True)
+        group = state.embedding_group()
+        if self.model_config.tie_embeddings and state.pp_size() > 1 and group is not None:
+            for param in self.model.parameters():
+                if getattr(param, "shared_embedding", False):
+                    dist.all_reduce(param.main_grad, group=group)  # [vocab/t, h] summed over both copies
+
+    def _average_loss(self, losses: list[torch.Tensor]) -> float:
+        """Mean micro-batch loss on the last stage, averaged over dp, delivered to every stage."""
+        value = torch.zeros((), dtype=torch.float32, device=self.device)
+        if self.position.is_last and losses:
+            value = torch.stack(losses).mean()
+            if state.dp_size() > 1:
+                dist.all_reduce(value, group=state.dp_group())  # [] summed over dp replicas
+                value /= state.dp_size()
+        if state.pp_size() > 1:
+            dist.broadcast(value, src=state.pp_group_ranks()[-1], group=state.pp_group())  # [] from the last stage
+        return float(value)
+
+    def train_step(self) -> tuple[float, "object"]:
+        """Run one global batch and one optimizer step; returns (loss, StepResult)."""
+        self.model.train()
+        self.optimizer.zero_grad()
+        self.reducer.start_step(self.num_micro_batches)
+        batches = self._next_batches(self.train_iterator, self.num_micro_batches)
+        losses = forward_backward_1f1b(self._forward_step(batches), self.num_micro_batches, self.comm,
+                                       loss_scale=self.optimizer.loss_scale)
+        self.reducer.finish()
+        self._sync_replicated_grads()
+        result = self.optimizer.step()
+        return self._average_loss(losses), result
+
+    # ---- evaluation -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean validation loss over --eval-iters global batches (the same batches every time)."""
+        if not self.has_valid:
+            return None
+        self.model.eval()
+        iterator = None
+        if self.valid_dataset is not None:
+            iterator = micro_batch_iterator(self.valid_dataset, 0, self.train.micro_batch_size, state.dp_rank(),
+                                            self.parallel.dp, 0)
+        losses = []
+        for _ in range(self.train.eval_iters):
+            batches = self._next_batches(iterator, self.num_micro_batches)
+            losses.append(self._average_loss(forward_only(self._forward_step(batches), self.num_micro_batches,
+                                                          self.comm)))
+        return sum(losses) / len(losses)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            logger.warning("received signal %d: saving a checkpoint after this iteration, then exiting", signum)
+            self.stop_requested = True
+
+        if self.train.exit_on_signal:
+            signal.signal(signal.SIGTERM, request_stop)
+
+    def _stop_agreed(self) -> bool:
+        return not self._all_ranks_agree(not self.stop_requested)  # any rank signalled
+
+    def _account(self, result) -> None:
+        progress = self.progress
+        if result.skipped:
+            progress.skipped_steps += 1
+            # An fp16 overflow while the loss scale can still back off is routine, not a failure.
+            scaler = self.optimizer.loss_scaler
+            if scaler is None or result.loss_scale <= scaler.config.min_scale:
+                progress.consecutive_skipped_steps += 1
+            logger.warning("iteration %d: non-finite grad norm, step skipped (%d in a row)", progress.iteration,
+                           progress.consecutive_skipped_steps)
+            if progress.consecutive_skipped_steps >= self.train.max_consecutive_skipped_steps:
+                raise UserError(
+                    f"training stopped at iteration {progress.iteration}: {progress.consecutive_skipped_steps} "
+                    f"consecutive steps had a non-finite loss or gradient norm; lower --lr, check the data, "
+                    f"or resume from the last checkpoint")
+        else:
+            progress.consecutive_skipped_steps = 0
+            self.scheduler.step()
+
+    def run(self) -> TrainProgress:
+        """Train until --train-iters (or a signal); evaluate, log and save on their intervals."""
+        self._install_signal_handlers()
+        train = self.train
+        window_losses: list[float] = []
+        window_start, window_iters = time.perf_counter(), 0
+        while self.progress.iteration < self.train_iters:
+            lr = self.scheduler.get_lr()
+            loss, result = self.train_step()
+            self.progress.iteration += 1
+            self.progress.consumed_samples += train.global_batch_size
+            self._account(result)
+            self.losses.append((self.progress.iteration, loss))
+            if math.isfinite(loss):
+                window_losses.append(loss)
+            window_iters += 1
+            iteration = self.progress.iteration
+            if iteration % train.log_interval == 0 or iteration == self.train_iters:
+                elapsed = time.perf_counter() - window_start
+                self._log_train(window_losses, window_iters, elapsed, lr, result)
+                window_losses, window_start, window_iters = [], time.perf_counter(), 0
+            if train.eval_interval and (iteration % train.eval_interval == 0 or iteration == self.train_iters):
+                self._log_valid(self.evaluate())
+            save_now = train.save and train.save_interval and iteration % train.save_interval == 0
+            if self._stop_agreed():
+                checkpoint_state.save(self) if train.save else None
+                logger.warning("stopped by signal at iteration %d", iteration)
+                break
+            if save_now:
+                checkpoint_state.save(self)
+        else:
+            if train.save:
+                checkpoint_state.save(self)
+        if self.metrics is not None:
+            self.metrics.close()
+        return self.progress
+
+    def _log_train(self, losses, iters, elapsed, lr, result) -> None:
+        if self.metrics is None:
+            return
+        tokens = iters * self.train.global_batch_size * self.model_config.seq_length
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        speed = measure_throughput(tokens, elapsed, self.flops_per_token, world, self.peak_tflops)
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        values = {
+            "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
+            "consumed_tokens": self.progress.consumed_samples * self.model_config.seq_length,
+            "tokens_per_second": speed.tokens_per_second, "tflops_per_device": speed.tflops_per_device,
+            "skipped_steps": self.progress.skipped_steps, "memory_gb": _memory_gb(self.device),
+        }
+        if speed.mfu is not None:
+            values["mfu"] = speed.mfu
+        if self.train.precision == "fp16":
+            values["loss_scale"] = result.loss_scale
+        self.metrics.write("train", self.progress.iteration, values)
+        mfu = f" | mfu {speed.mfu:.1%}" if speed.mfu is not None else ""
+        logger.info("iteration %d/%d | tokens %d | loss %.4f | lr %.3e | grad norm %.3f | %.0f tok/s | "
+                    "%.2f TFLOP/s/device%s | skipped %d | mem %.2f GB", self.progress.iteration, self.train_iters,
+                    values["consumed_tokens"], loss, lr, result.grad_norm, speed.tokens_per_second,
+                    speed.tflops_per_device, mfu, self.progress.skipped_steps, values["memory_gb"])
+
+    def _log_valid(self, loss: float | None) -> None:
+        if self.metrics is None or loss is None:
+            return
+        perplexity = math.exp(min(loss, 50.0))
+        self.metrics.write("valid", self.progress.iteration, {"loss": loss, "perplexity": perplexity})
+        logger.info("validation at iteration %d | loss %.4f | perplexity %.2f", self.progress.iteration, loss,
+                    perplexity)
+
+
+def _memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+

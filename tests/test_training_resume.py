@@ -1,0 +1,89 @@
+"""Checkpoint/resume of the training loop: bit-identical continuation, signals, refusals."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from data_factory import random_documents, write_dataset
+from distributed_harness import run_distributed
+from megagrow.arguments import parse_args
+from megagrow.errors import UserError
+from megagrow.parallel import state
+from megagrow.training.checkpointing import read_tracker
+from megagrow.training.trainer import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _flags(data_prefix, iters, extra=()):
+    return ["--model-preset", "tiny", "--vocab-size", "1000", "--seq-length", "16", "--data-path", data_prefix,
+            "--split", "90,10,0", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(iters),
+            "--lr", "3e-3", "--lr-warmup-iters", "2", "--lr-decay-iters", "10", "--log-interval", "5",
+            "--eval-interval", "5",
+            "--eval-iters", "1", *extra]
+
+
+def _run(flags):
+    os.environ["WORLD_SIZE"] = "1"
+    config = parse_args(flags)
+    state.initialize(tp=1, pp=1, dp=1)
+    try:
+        trainer = Trainer(config.model, config.parallel, config.train, config.data)
+        trainer.run()
+        return trainer.losses
+    finally:
+        state.destroy()
+
+
+@pytest.fixture
+def data_prefix(tmp_path):
+    return write_dataset(tmp_path / "docs", random_documents(3, 400, 60))
+
+
+def test_resume_continues_bit_identically(tmp_path, data_prefix):
+    straight = run_distributed(_run, 1, _flags(data_prefix, 10, ["--metrics-file", str(tmp_path / "a.jsonl")]))[0]
+    ckpt = str(tmp_path / "ckpt")
+    common = ["--save", ckpt, "--load", ckpt, "--save-interval", "5"]
+    first = run_distributed(_run, 1, _flags(data_prefix, 5, common))[0]
+    assert read_tracker(ckpt) == 5
+    second = run_distributed(_run, 1, _flags(data_prefix, 10, common))[0]
+    assert [i for i, _ in second] == list(range(6, 11))
+    assert [loss for _, loss in first + second] == [loss for _, loss in straight]  # bit-identical
+
+
+def test_load_with_another_model_fails_with_one_line(tmp_path, data_prefix):
+    ckpt = str(tmp_path / "ckpt")
+    run_distributed(_run, 1, _flags(data_prefix, 2, ["--save", ckpt]))
+    with pytest.raises(UserError, match=r"hidden_size 64 \(checkpoint\) vs 128 \(this run\)"):
+        run_distributed(_run, 1, _flags(data_prefix, 4, ["--load", ckpt, "--hidden-size", "128"]))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, data_prefix):
+    ckpt = tmp_path / "ckpt"
+    command = [sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *_flags(data_prefix, 100000),
+               "--save", str(ckpt), "--log-interval", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    for line in process.stdout:  # wait until training is under way
+        if "iteration 2/" in line:
+            break
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output
+    saved = read_tracker(ckpt)
+    assert saved is not None and 2 <= saved < 100000
+    assert "stopped by signal" in output
+
+
+def test_bad_flags_fail_at_start_up_with_one_line(data_prefix):
+    command = [sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *_flags(data_prefix, 5),
+               "--global-batch-size", "5"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --global-batch-size 5 is not divisible by --micro-batch-size 2 x data-parallel size 1; "
+        "make it a multiple of 2"]
