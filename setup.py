@@ -28,6 +28,8 @@ setup(
         "sentencepiece>=0.1.99",
         "tqdm>=4.60",
         "pyyaml>=6.0",
+        "scipy>=1.10",  # BiMix law fit and mixture solver
+        "matplotlib>=3.7",  # loss and fit plots written by the tools and examples
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.14"],
