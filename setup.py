@@ -35,7 +35,7 @@ setup(
         "deepspeed": ["deepspeed>=0.14"],
         "gpu": ["flash-attn>=2.5", "deepspeed>=0.14"],
         "hf": ["transformers>=4.40", "safetensors>=0.4"],
-        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "safetensors>=0.4"],
+        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "safetensors>=0.4", "deepspeed>=0.14"],
     },
     zip_safe=False,
 )

@@ -32,7 +32,8 @@ class LRScheduleConfig:
             raise UserError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}; lower --min-lr")
         if self.decay_steps is not None and self.decay_steps < self.warmup_steps:
             raise UserError(
-                f"--lr-decay-iters {self.decay_steps} is shorter than --lr-warmup-iters {self.warmup_steps}; "
+                f"--lr-decay-iters {self.decay_steps} (default: --train-iters) is shorter than --lr-warmup-iters "
+                f"{self.warmup_steps}; "
                 f"lengthen the decay or shorten the warm-up"
             )
 

@@ -62,10 +62,13 @@ def measure_throughput(
 class MetricsWriter:
     """Appends one JSON object per event to a JSONL file and mirrors scalars to TensorBoard."""
 
-    def __init__(self, jsonl_path: str | os.PathLike, tensorboard_dir: str | os.PathLike | None = None):
+    def __init__(self, jsonl_path: str | os.PathLike, tensorboard_dir: str | os.PathLike | None = None,
+                 append: bool = True):
         self.path = Path(jsonl_path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", buffering=1)  # line-buffered: a crash loses at most one line
+        # Line-buffered: a crash loses at most one line. A resumed run appends to its
+        # history; a fresh run starts a new file so curves of two runs never interleave.
+        self._file = open(self.path, "a" if append else "w", buffering=1)
         self._tensorboard = None
         if tensorboard_dir:
             try:

@@ -111,12 +111,12 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(model_config)
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.peak_tflops = peak_tflops(device_name, train.peak_tflops)
-        self.metrics = None
-        if dist.get_rank() == 0 if dist.is_initialized() else True:
-            self.metrics = MetricsWriter(checkpoint_state.metrics_path(train), train.tensorboard_dir)
-
         if train.load:
             checkpoint_state.load(self)
+        self.metrics = None
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            self.metrics = MetricsWriter(checkpoint_state.metrics_path(train), train.tensorboard_dir,
+                                         append=self.progress.iteration > 0)
         counts = sample_counts(self.train_iters, train.global_batch_size, train.eval_iters, bool(train.eval_interval))
         self.train_dataset, self.valid_dataset = None, None
         self.train_iterator = None
@@ -280,7 +280,8 @@ class Trainer:
             if save_now:
                 checkpoint_state.save(self)
         else:
-            if train.save:
+            saved_last = train.save_interval and self.progress.iteration % train.save_interval == 0
+            if train.save and not saved_last:
                 checkpoint_state.save(self)
         if self.metrics is not None:
             self.metrics.close()
