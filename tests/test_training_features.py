@@ -115,3 +115,20 @@ def test_yaml_config_with_flags_taking_precedence(tmp_path):
 def test_conflicting_settings_are_refused(extra, message):
     with pytest.raises(UserError, match=message):
         parse_args(_flags(5) + extra)
+
+
+def test_per_domain_validation_losses_and_mixture_record(tmp_path):
+    code = write_dataset(tmp_path / "code_text_document", patterned_documents(0, 120, 40))
+    prose = write_dataset(tmp_path / "prose_text_document", patterned_documents(1, 120, 40, vocab_size=500))
+    metrics = tmp_path / "m.jsonl"
+    flags = _flags(4, ["--vocab-size", "1000", "--metrics-file", str(metrics)],
+                   data=("--data-path", "0.25", code, "0.75", prose, "--split", "80,20,0"))
+    run_distributed(_train, 1, flags)
+    mixture = read_metrics(metrics, "mixture")
+    assert mixture == [{"kind": "mixture", "step": 0, "weights": {"code": 0.25, "prose": 0.75},
+                        "prefixes": {"code": code, "prose": prose}}]
+    valid = read_metrics(metrics, "valid")
+    assert [r["step"] for r in valid] == [2, 4]
+    for record in valid:
+        assert set(record["domain_losses"]) == {"code", "prose"}
+        assert all(math.isfinite(v) for v in record["domain_losses"].values())

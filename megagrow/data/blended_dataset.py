@@ -43,6 +43,21 @@ class BlendComponent:
     prefix: str
 
 
+def domain_names(components: Sequence[BlendComponent]) -> list[str]:
+    """Short, unique names for a blend's datasets (file name without `_text_document`), for per-domain metrics."""
+    names = []
+    for component in components:
+        name = Path(component.prefix).name
+        for suffix in ("_text_document", "_document"):
+            if name.endswith(suffix) and len(name) > len(suffix):
+                name = name[: -len(suffix)]
+                break
+        names.append(name)
+    if len(set(names)) < len(names):  # same file name in different directories
+        names = [f"{name}_{i}" for i, name in enumerate(names)]
+    return names
+
+
 def parse_data_path(items: Sequence[str], flag: str = "--data-path") -> list[BlendComponent]:
     """Components from `[prefix]`, `[w1, p1, w2, p2, ...]` or `[@file]`, weights normalised, prefixes checked."""
     items = list(items)

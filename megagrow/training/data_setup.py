@@ -13,8 +13,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from megagrow.data.blended_dataset import build_blended_datasets
-from megagrow.data.gpt_dataset import GPTDatasetConfig
+from megagrow.data.blended_dataset import BlendComponent, build_blended_datasets, domain_names, parse_data_path
+from megagrow.data.gpt_dataset import GPTDatasetConfig, build_gpt_datasets
 from megagrow.data.sampler import build_pretraining_data_loader
 from megagrow.config import DataConfig
 
@@ -52,14 +52,37 @@ def sample_counts(train_iters: int, global_batch_size: int, eval_iters: int, eva
     return SampleCounts(train_iters * global_batch_size, eval_samples, eval_samples)
 
 
-def build_datasets(data: DataConfig, seq_length: int, vocab_size: int, seed: int, counts: SampleCounts):
-    """(train, valid) datasets for the run; valid is None when the split gives it no documents."""
+@dataclass
+class RunDatasets:
+    """What a run reads: the training blend, the validation blend, and each domain's own validation split."""
+
+    train: torch.utils.data.Dataset
+    valid: torch.utils.data.Dataset | None
+    domain_valid: dict[str, torch.utils.data.Dataset | None]
+
+
+def build_datasets(data: DataConfig, seq_length: int, vocab_size: int, seed: int, counts: SampleCounts) -> RunDatasets:
+    """Datasets for the run; per-domain validation sets only when the blend has several domains."""
     if data.mock_data:
-        return (MockGPTDataset(counts.train, seq_length, vocab_size, seed),
-                MockGPTDataset(max(counts.valid, 1), seq_length, vocab_size, seed + 1))
+        valid = MockGPTDataset(counts.valid, seq_length, vocab_size, seed + 1) if counts.valid else None
+        return RunDatasets(MockGPTDataset(counts.train, seq_length, vocab_size, seed), valid, {})
     config = GPTDatasetConfig(seq_length=seq_length, seed=seed, split=data.split, cache_path=data.data_cache_path)
     train, valid, _ = build_blended_datasets(data.data_path, config, [counts.train, counts.valid, None])
-    return train, valid
+    components = parse_data_path(data.data_path)
+    domain_valid = {}
+    if len(components) > 1 and counts.valid:
+        # BiMix needs each domain's loss on its own held-out data, not on its share of the blend.
+        for name, component in zip(domain_names(components), components):
+            domain_valid[name] = build_gpt_datasets(component.prefix, config, [0, counts.valid, 0])[1]
+    return RunDatasets(train, valid, domain_valid)
+
+
+def run_domains(data: DataConfig) -> tuple[list[str], list[BlendComponent]]:
+    """Domain names and blend components of --data-path (known on every rank without reading data)."""
+    if data.mock_data:
+        return [], []
+    components = parse_data_path(data.data_path)
+    return (domain_names(components) if len(components) > 1 else []), components
 
 
 def micro_batch_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,

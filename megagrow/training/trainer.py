@@ -33,7 +33,8 @@ from megagrow.parallel.pipeline import (
     partition_layers,
 )
 from megagrow.training import checkpoint_state
-from megagrow.training.data_setup import build_datasets, micro_batch_iterator, sample_counts
+from megagrow.data.blended_dataset import domain_names
+from megagrow.training.data_setup import RunDatasets, build_datasets, micro_batch_iterator, run_domains, sample_counts
 from megagrow.training.loss_scaler import DynamicLossScaler, LossScalerConfig
 from megagrow.training.lr_schedule import LRScheduleConfig, LRScheduler
 from megagrow.training.metrics import MetricsWriter, measure_throughput, peak_tflops
@@ -118,18 +119,25 @@ class Trainer:
             self.metrics = MetricsWriter(checkpoint_state.metrics_path(train), train.tensorboard_dir,
                                          append=self.progress.iteration > 0)
         counts = sample_counts(self.train_iters, train.global_batch_size, train.eval_iters, bool(train.eval_interval))
-        self.train_dataset, self.valid_dataset = None, None
+        self.domains, self.components = run_domains(data)
+        self.datasets = RunDatasets(None, None, {})
         self.train_iterator = None
         if self.reads_data:
-            self.train_dataset, self.valid_dataset = build_datasets(
-                data, model_config.seq_length, model_config.vocab_size, train.seed, counts)
+            self.datasets = build_datasets(data, model_config.seq_length, model_config.vocab_size, train.seed, counts)
             if self.progress.iteration < self.train_iters:
                 self.train_iterator = micro_batch_iterator(
-                    self.train_dataset, self.progress.consumed_samples, train.micro_batch_size, state.dp_rank(),
+                    self.datasets.train, self.progress.consumed_samples, train.micro_batch_size, state.dp_rank(),
                     parallel.dp, data.num_workers)
-        self.has_valid = self._all_ranks_agree(self.valid_dataset is not None or not self.reads_data)
+        # Evaluation is collective over the pipeline: every rank must agree on what is evaluated.
+        self.has_valid = self._all_ranks_agree(self.datasets.valid is not None or not self.reads_data)
+        self.domains = [d for d in self.domains
+                        if self._all_ranks_agree(self.datasets.domain_valid.get(d) is not None or not self.reads_data)]
         if train.eval_interval and not self.has_valid:
             logger.warning("no validation data (the --split gives the valid split no documents); skipping evaluation")
+        if self.metrics is not None and self.components and self.progress.iteration == 0:
+            names = domain_names(self.components)
+            self.metrics.write("mixture", 0, {"weights": {n: c.weight for n, c in zip(names, self.components)},
+                                              "prefixes": {n: c.prefix for n, c in zip(names, self.components)}})
 
     @property
     def reads_data(self) -> bool:
@@ -201,14 +209,10 @@ class Trainer:
     # ---- evaluation -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean validation loss over --eval-iters global batches (the same batches every time)."""
-        if not self.has_valid:
-            return None
-        self.model.eval()
+    def _evaluate_on(self, dataset) -> float:
         iterator = None
-        if self.valid_dataset is not None:
-            iterator = micro_batch_iterator(self.valid_dataset, 0, self.train.micro_batch_size, state.dp_rank(),
+        if dataset is not None:
+            iterator = micro_batch_iterator(dataset, 0, self.train.micro_batch_size, state.dp_rank(),
                                             self.parallel.dp, 0)
         losses = []
         for _ in range(self.train.eval_iters):
@@ -216,6 +220,18 @@ class Trainer:
             losses.append(self._average_loss(forward_only(self._forward_step(batches), self.num_micro_batches,
                                                           self.comm)))
         return sum(losses) / len(losses)
+
+    def evaluate(self) -> dict | None:
+        """Validation loss over --eval-iters global batches of the blend (the same batches every time),
+        and of each domain's own validation split when the blend has several."""
+        if not self.has_valid:
+            return None
+        self.model.eval()
+        result = {"loss": self._evaluate_on(self.datasets.valid)}
+        if self.domains:
+            result["domain_losses"] = {name: self._evaluate_on(self.datasets.domain_valid.get(name))
+                                       for name in self.domains}
+        return result
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -311,14 +327,15 @@ class Trainer:
                     values["consumed_tokens"], loss, lr, result.grad_norm, speed.tokens_per_second,
                     speed.tflops_per_device, mfu, self.progress.skipped_steps, values["memory_gb"])
 
-    def _log_valid(self, loss: float | None) -> None:
-        if self.metrics is None or loss is None:
+    def _log_valid(self, result: dict | None) -> None:
+        if self.metrics is None or result is None:
             return
+        loss = result["loss"]
         perplexity = math.exp(min(loss, 50.0))
-        self.metrics.write("valid", self.progress.iteration, {"loss": loss, "perplexity": perplexity})
-        logger.info("validation at iteration %d | loss %.4f | perplexity %.2f", self.progress.iteration, loss,
-                    perplexity)
-
+        self.metrics.write("valid", self.progress.iteration, {"perplexity": perplexity, **result})
+        domains = "".join(f" | {name} {value:.4f}" for name, value in result.get("domain_losses", {}).items())
+        logger.info("validation at iteration %d | loss %.4f | perplexity %.2f%s", self.progress.iteration, loss,
+                    perplexity, domains)
 
 def _memory_gb(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocator peak on GPU, resident set size on CPU."""
