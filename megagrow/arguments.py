@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-layer-split", type=int, nargs="+", help="layers per stage, e.g. 5 6 6 5")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"])
     g.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    g = p.add_argument_group("DeepSpeed (ZeRO); DeepSpeed's own argument names")
+    g.add_argument("--deepspeed", action="store_true", help="let the DeepSpeed engine reduce, shard and update")
+    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", help="DeepSpeed json")
+    g.add_argument("--zero-stage", "--zero_stage", dest="zero_stage", type=int, choices=[0, 1, 2, 3],
+                   help="overrides zero_optimization.stage of the json")
     g = p.add_argument_group("training")
     for flag, kind in (("--micro-batch-size", int), ("--global-batch-size", int), ("--train-iters", int),
                        ("--train-tokens", int), ("--lr", float), ("--min-lr", float), ("--lr-warmup-iters", int),

@@ -223,6 +223,10 @@ class TrainConfig:
     hysteresis: int = 2
     seed: int = 1234
     use_distributed_optimizer: bool = False
+    # DeepSpeed engine instead of megagrow's optimizer path (DeepSpeed's own flag names).
+    deepspeed: bool = False
+    deepspeed_config: str | None = None
+    zero_stage: int | None = None  # overrides zero_optimization.stage of the json
     overlap_grad_reduce: bool = True
     # Explicit layers per pipeline stage, e.g. [5, 6, 6, 5]; None splits evenly.
     pipeline_layer_split: list[int] | None = None
@@ -252,6 +256,13 @@ class TrainConfig:
             raise UserError("give the length of the run with --train-iters or --train-tokens")
         if self.save_interval is not None and self.save is None:
             raise UserError("--save-interval needs --save DIR")
+        if self.deepspeed and self.use_distributed_optimizer:
+            raise UserError("--use-distributed-optimizer with --deepspeed: ZeRO already shards the optimizer; "
+                            "drop --use-distributed-optimizer and choose a --zero-stage")
+        if (self.deepspeed_config or self.zero_stage is not None) and not self.deepspeed:
+            raise UserError("--deepspeed_config/--zero-stage given without --deepspeed; add --deepspeed")
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise UserError(f"--zero-stage {self.zero_stage}: ZeRO stages are 0, 1, 2 and 3")
 
 
 @dataclass

@@ -62,6 +62,7 @@ class _Groups:
     pp_group: dist.ProcessGroup | None
     dp_group: dist.ProcessGroup | None
     embedding_group: dist.ProcessGroup | None
+    mp_group: dist.ProcessGroup | None
     pp_ranks: list[int]
     embedding_ranks: list[int]
 
@@ -76,7 +77,10 @@ def _group_rank_lists(tp: int, pp: int, dp: int) -> dict[str, list[list[int]]]:
     dp_groups = [[rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)]
     pp_groups = [[rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)]
     embedding_groups = [sorted({ranks[0], ranks[-1]}) for ranks in pp_groups]
-    return {"tp": tp_groups, "dp": dp_groups, "pp": pp_groups, "embedding": embedding_groups}
+    # One whole model replica (all its tp shards and pipeline stages): DeepSpeed's "model
+    # parallel" group, over which it completes gradient norms.
+    mp_groups = [sorted(rank(t, d, p) for p in range(pp) for t in range(tp)) for d in range(dp)]
+    return {"tp": tp_groups, "dp": dp_groups, "pp": pp_groups, "embedding": embedding_groups, "mp": mp_groups}
 
 
 def _default_backend() -> str:
@@ -110,7 +114,7 @@ def initialize(tp: int = 1, pp: int = 1, dp: int | None = None) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     coords = rank_to_coordinates(rank, tp, pp, dp)
     if not dist.is_initialized():
-        _GROUPS = _Groups(1, 1, 1, coords, None, None, None, None, [0], [0])
+        _GROUPS = _Groups(1, 1, 1, coords, None, None, None, None, None, [0], [0])
         return
     # new_group is collective over the whole world: every rank creates every group, in the
     # same order, and keeps the ones it belongs to.
@@ -122,7 +126,7 @@ def initialize(tp: int = 1, pp: int = 1, dp: int | None = None) -> None:
             if rank in ranks:
                 mine[kind], my_ranks[kind] = group, ranks
     # Middle pipeline stages hold no embedding and belong to no embedding group.
-    _GROUPS = _Groups(tp, pp, dp, coords, mine["tp"], mine["pp"], mine["dp"], mine.get("embedding"),
+    _GROUPS = _Groups(tp, pp, dp, coords, mine["tp"], mine["pp"], mine["dp"], mine.get("embedding"), mine["mp"],
                       my_ranks["pp"], my_ranks.get("embedding", []))
 
 
@@ -130,7 +134,8 @@ def destroy() -> None:
     """Forget the groups (the default process group is left to whoever created it)."""
     global _GROUPS
     if _GROUPS is not None and dist.is_initialized():
-        for group in {_GROUPS.tp_group, _GROUPS.pp_group, _GROUPS.dp_group, _GROUPS.embedding_group}:
+        for group in {_GROUPS.tp_group, _GROUPS.pp_group, _GROUPS.dp_group, _GROUPS.embedding_group,
+                      _GROUPS.mp_group}:
             if group is not None:
                 dist.destroy_process_group(group)
     _GROUPS = None
@@ -193,6 +198,16 @@ def dp_group() -> dist.ProcessGroup | None:
 def embedding_group() -> dist.ProcessGroup | None:
     """First and last pipeline stage of this pp group, which sum tied-embedding grads (None on middle stages)."""
     return _get("embedding_group", None)
+
+
+def mp_group() -> dist.ProcessGroup | None:
+    """Model-parallel group: every tp shard and pipeline stage of this rank's replica."""
+    return _get("mp_group", None)
+
+
+def mp_rank() -> int:
+    """This rank's index in its model-parallel group (tp fastest, then pp)."""
+    return pp_rank() * tp_size() + tp_rank()
 
 
 def pp_group_ranks() -> list[int]:

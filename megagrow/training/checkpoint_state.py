@@ -21,6 +21,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+from megagrow.config import TrainConfig
 from megagrow.errors import UserError
 from megagrow.parallel import state
 from megagrow.training.checkpointing import (
@@ -29,8 +30,9 @@ from megagrow.training.checkpointing import (
     read_tracker,
     save_checkpoint,
     set_rng_state,
+    write_tracker,
 )
-from megagrow.config import TrainConfig
+from megagrow.training.optimization import NativeOptimization
 
 logger = logging.getLogger("megagrow.training")
 CHECKPOINT_VERSION = 1
@@ -54,25 +56,39 @@ def config_record(trainer) -> dict:
     return {"model": asdict(trainer.model_config), "parallel": asdict(trainer.parallel), "train": asdict(trainer.train)}
 
 
+def _client_state(trainer) -> dict:
+    return {"checkpoint_version": CHECKPOINT_VERSION, "progress": asdict(trainer.progress), "rng": get_rng_state(),
+            "config": config_record(trainer)}
+
+
 def save(trainer) -> None:
     """Collectively save the trainer's state at its current iteration to --save."""
-    sharded_optimizer = trainer.optimizer.shard_over_dp
+    root, iteration = trainer.train.save, trainer.progress.iteration
+    optimization = trainer.optimization
+    if isinstance(optimization, NativeOptimization):
+        _save_native(trainer, optimization)
+    else:
+        optimization.save(root, f"iter_{iteration:07d}", _client_state(trainer))
+        # The same tracker as native checkpoints, so tools find the latest iteration either way.
+        save_tracker = state.mp_rank() == 0 and state.dp_rank() == 0
+        if save_tracker:
+            write_tracker(root, iteration)
+    logger.info("saved checkpoint %s at iteration %d", root, iteration)
+
+
+def _save_native(trainer, optimization: NativeOptimization) -> None:
+    sharded_optimizer = optimization.optimizer.shard_over_dp
     shard = None
     if state.dp_rank() == 0:
-        shard = {
-            "checkpoint_version": CHECKPOINT_VERSION,
-            "model": trainer.model.state_dict(),
-            "scheduler": trainer.scheduler.state_dict(),
-            "progress": asdict(trainer.progress),
-            "rng": get_rng_state(),
-            "config": config_record(trainer),
-        }
+        shard = {"model": trainer.model.state_dict(), "scheduler": optimization.scheduler.state_dict(),
+                 **_client_state(trainer)}
         if not sharded_optimizer:
-            shard["optimizer"] = trainer.optimizer.state_dict()
-    extra = {_distributed_optimizer_file(state.dp_rank()): trainer.optimizer.state_dict()} if sharded_optimizer else None
-    path = save_checkpoint(trainer.train.save, trainer.progress.iteration, shard, tp_rank=state.tp_rank(),
-                           pp_rank=state.pp_rank(), pp_size=state.pp_size(), extra_files=extra)
-    logger.info("saved checkpoint %s", path)
+            shard["optimizer"] = optimization.optimizer.state_dict()
+    extra = None
+    if sharded_optimizer:
+        extra = {_distributed_optimizer_file(state.dp_rank()): optimization.optimizer.state_dict()}
+    save_checkpoint(trainer.train.save, trainer.progress.iteration, shard, tp_rank=state.tp_rank(),
+                    pp_rank=state.pp_rank(), pp_size=state.pp_size(), extra_files=extra)
 
 
 def check_model_config(saved: dict, current: dict, where: str) -> None:
@@ -94,6 +110,15 @@ def load(trainer) -> None:
     if iteration is None:
         logger.warning("--load %s holds no checkpoint yet; training from scratch", root)
         return
+    optimization = trainer.optimization
+    if not isinstance(optimization, NativeOptimization):
+        client_state = optimization.load(root, load_optimizer=not train.no_load_optim)
+        if client_state is None:
+            raise UserError(f"--load {root}: no DeepSpeed checkpoint there (no 'latest' tag); "
+                            f"load native checkpoints without --deepspeed")
+        check_model_config(client_state["config"]["model"], asdict(trainer.model_config), str(root))
+        _restore_progress(trainer, client_state, root)
+        return
     location = dict(iteration=iteration, tp_rank=state.tp_rank(), pp_rank=state.pp_rank(), pp_size=state.pp_size())
     shard = load_shard(root, **location)
     check_model_config(shard.get("config", {}).get("model", {}), asdict(trainer.model_config), str(root))
@@ -103,23 +128,27 @@ def load(trainer) -> None:
                         f"{unexpected[:3]}); was it saved with another --pipeline-layer-split?")
     # Masters are copies of the weights: rebuild them from the loaded weights first, so a
     # checkpoint without optimizer state starts from the right masters.
-    trainer.optimizer.sync_masters_from_model()
+    optimization.optimizer.sync_masters_from_model()
     if "progress" not in shard:
         logger.info("loaded model weights from %s (iteration %d); starting a new run at iteration 0", root, iteration)
         return
     if not train.no_load_optim:
-        if trainer.optimizer.shard_over_dp:
+        if optimization.optimizer.shard_over_dp:
             optimizer_state = load_shard(root, filename=_distributed_optimizer_file(state.dp_rank()), **location)
         else:
             optimizer_state = shard.get("optimizer")
         if optimizer_state is None:
             raise UserError(f"--load {root}: the checkpoint has no optimizer state for this layout; "
                             f"pass --no-load-optim to start the optimizer afresh")
-        trainer.optimizer.load_state_dict(optimizer_state)
-        trainer.scheduler.load_state_dict(shard["scheduler"])
-    for name, value in shard["progress"].items():
+        optimization.optimizer.load_state_dict(optimizer_state)
+        optimization.scheduler.load_state_dict(shard["scheduler"])
+    _restore_progress(trainer, shard, root)
+
+
+def _restore_progress(trainer, saved: dict, root) -> None:
+    for name, value in saved["progress"].items():
         setattr(trainer.progress, name, value)
-    if not train.no_load_rng:
-        set_rng_state(shard["rng"])
-    logger.info("resumed from %s at iteration %d (%d samples consumed)", root, iteration,
+    if not trainer.train.no_load_rng:
+        set_rng_state(saved["rng"])
+    logger.info("resumed from %s at iteration %d (%d samples consumed)", root, trainer.progress.iteration,
                 trainer.progress.consumed_samples)

@@ -166,9 +166,14 @@ def save_checkpoint(
         else:
             os.replace(tmp_dir, final_dir)
         _fsync_path(root)
-        _write_file_atomically(root / TRACKER_FILENAME, f"{iteration}\n")
+        write_tracker(root, iteration)
     barrier()
     return final_dir
+
+
+def write_tracker(root: str | os.PathLike, iteration: int) -> None:
+    """Point the tracker file at `iteration` (atomically: readers see the old or the new number)."""
+    _write_file_atomically(Path(root) / TRACKER_FILENAME, f"{iteration}\n")
 
 
 def load_shard(

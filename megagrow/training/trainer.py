@@ -23,8 +23,6 @@ from megagrow.config import DataConfig, ModelConfig, ParallelConfig, TrainConfig
 from megagrow.errors import UserError
 from megagrow.model.llama import LlamaModel
 from megagrow.parallel import state
-from megagrow.parallel.data_parallel import DataParallelGradReducer
-from megagrow.parallel.layers import sync_sequence_parallel_grads
 from megagrow.parallel.pipeline import (
     PipelineCommunicator,
     current_stage_position,
@@ -35,11 +33,9 @@ from megagrow.parallel.pipeline import (
 from megagrow.training import checkpoint_state
 from megagrow.data.blended_dataset import domain_names
 from megagrow.training.data_setup import RunDatasets, build_datasets, micro_batch_iterator, run_domains, sample_counts
-from megagrow.training.loss_scaler import DynamicLossScaler, LossScalerConfig
-from megagrow.training.lr_schedule import LRScheduleConfig, LRScheduler
 from megagrow.training.metrics import MetricsWriter, measure_throughput, peak_tflops
-from megagrow.training.mixed_precision import MixedPrecisionOptimizer
-from megagrow.training.optimizer import OptimizerConfig
+from megagrow.training.mixed_precision import StepResult
+from megagrow.training.optimization import build_optimization
 
 logger = logging.getLogger("megagrow.training")
 
@@ -89,21 +85,8 @@ class Trainer:
         stage_layers = ranges[state.pp_rank()]
         self.model = LlamaModel(self.model_config, parallel, layer_range=(stage_layers.start, stage_layers.stop),
                                 seed=train.seed, device=self.device)
-        self.reducer = DataParallelGradReducer(self.model.parameters(), group=state.dp_group(),
-                                               overlap=train.overlap_grad_reduce,
-                                               reduce_scatter=train.use_distributed_optimizer)
-        scaler = None
-        if train.precision == "fp16":
-            scaler = DynamicLossScaler(LossScalerConfig(train.initial_loss_scale, train.min_loss_scale,
-                                                        train.loss_scale_window, train.hysteresis))
-        self.optimizer = MixedPrecisionOptimizer(
-            self.reducer,
-            OptimizerConfig(lr=train.lr, weight_decay=train.weight_decay, adam_beta1=train.adam_beta1,
-                            adam_beta2=train.adam_beta2, adam_eps=train.adam_eps),
-            clip_grad=train.clip_grad, loss_scaler=scaler, shard_over_dp=train.use_distributed_optimizer)
-        self.scheduler = LRScheduler(self.optimizer, LRScheduleConfig(
-            lr=train.lr, min_lr=train.min_lr, warmup_steps=train.lr_warmup_iters,
-            decay_steps=train.lr_decay_iters or self.train_iters, decay_style=train.lr_decay_style))
+        self.optimization = build_optimization(self.model, train, parallel, self.train_iters,
+                                               self.model_config.tie_embeddings)
 
         seq_per_rank = model_config.seq_length // (parallel.tp if self.model.sequence_parallel else 1)
         activation_shape = (seq_per_rank, train.micro_batch_size, model_config.hidden_size)  # [s(/tp), b, h]
@@ -155,8 +138,9 @@ class Trainer:
     def _forward_step(self, batches):
         def step(index: int, hidden: torch.Tensor | None) -> torch.Tensor:
             tokens = batches[index]["tokens"].to(self.device) if batches is not None else None
-            output = self.model(tokens[:, :-1] if self.position.is_first else None, hidden_states=hidden,
-                                labels=tokens[:, 1:] if self.position.is_last else None)
+            output = self.optimization.forward_model(tokens[:, :-1] if self.position.is_first else None,
+                                                     hidden_states=hidden,
+                                                     labels=tokens[:, 1:] if self.position.is_last else None)
             return output.float().mean() if self.position.is_last else output
 
         return step
@@ -170,17 +154,6 @@ class Trainer:
             raise UserError("the training data ran out before --train-iters; "
                             "check --split and the dataset size") from None
 
-    def _sync_replicated_grads(self) -> None:
-        # Partial gradients of one parameter held on several ranks: sum them. Sums over tp
-        # or stages commute with the dp average, so this can follow the dp reduction.
-        if self.model.sequence_parallel:
-            sync_sequence_parallel_grads(self.model, use_main_grad=True)
-        group = state.embedding_group()
-        if self.model_config.tie_embeddings and state.pp_size() > 1 and group is not None:
-            for param in self.model.parameters():
-                if getattr(param, "shared_embedding", False):
-                    dist.all_reduce(param.main_grad, group=group)  # [vocab/t, h] summed over both copies
-
     def _average_loss(self, losses: list[torch.Tensor]) -> float:
         """Mean micro-batch loss on the last stage, averaged over dp, delivered to every stage."""
         value = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -193,17 +166,14 @@ class Trainer:
             dist.broadcast(value, src=state.pp_group_ranks()[-1], group=state.pp_group())  # [] from the last stage
         return float(value)
 
-    def train_step(self) -> tuple[float, "object"]:
+    def train_step(self) -> tuple[float, StepResult]:
         """Run one global batch and one optimizer step; returns (loss, StepResult)."""
         self.model.train()
-        self.optimizer.zero_grad()
-        self.reducer.start_step(self.num_micro_batches)
+        self.optimization.start_step(self.num_micro_batches)
         batches = self._next_batches(self.train_iterator, self.num_micro_batches)
         losses = forward_backward_1f1b(self._forward_step(batches), self.num_micro_batches, self.comm,
-                                       loss_scale=self.optimizer.loss_scale)
-        self.reducer.finish()
-        self._sync_replicated_grads()
-        result = self.optimizer.step()
+                                       loss_scale=self.optimization.loss_scale)
+        result = self.optimization.finish_step()
         return self._average_loss(losses), result
 
     # ---- evaluation -----------------------------------------------------------------------
@@ -250,9 +220,7 @@ class Trainer:
         progress = self.progress
         if result.skipped:
             progress.skipped_steps += 1
-            # An fp16 overflow while the loss scale can still back off is routine, not a failure.
-            scaler = self.optimizer.loss_scaler
-            if scaler is None or result.loss_scale <= scaler.config.min_scale:
+            if self.optimization.skip_counts(result):
                 progress.consecutive_skipped_steps += 1
             logger.warning("iteration %d: non-finite grad norm, step skipped (%d in a row)", progress.iteration,
                            progress.consecutive_skipped_steps)
@@ -263,7 +231,6 @@ class Trainer:
                     f"or resume from the last checkpoint")
         else:
             progress.consecutive_skipped_steps = 0
-            self.scheduler.step()
 
     def run(self) -> TrainProgress:
         """Train until --train-iters (or a signal); evaluate, log and save on their intervals."""
@@ -272,7 +239,7 @@ class Trainer:
         window_losses: list[float] = []
         window_start, window_iters = time.perf_counter(), 0
         while self.progress.iteration < self.train_iters:
-            lr = self.scheduler.get_lr()
+            lr = self.optimization.current_lr()
             loss, result = self.train_step()
             self.progress.iteration += 1
             self.progress.consumed_samples += train.global_batch_size
