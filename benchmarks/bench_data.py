@@ -7,6 +7,7 @@ Sections (add one by writing a function `args -> Table` whose first row is the c
 test, its arguments in `main`, and an entry in SECTIONS):
   sample_idx  C++ build_sample_idx vs the loop and vectorised numpy references
   blending    C++ build_blending_indices vs the numpy reference (Tijdeman rule, one sample at a time)
+  preprocess  tools/preprocess_data.py with 2 workers vs 1 worker
 
 Times are the best of --repeats runs (the Python loops run once). With
 --loop-fraction below 1 the loops run on that share of the samples and their time
@@ -18,8 +19,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -29,6 +33,7 @@ from megagrow.data.index_reference import (
     build_sample_idx_loop,
     build_sample_idx_vectorized,
 )
+from megagrow.data.indexed_dataset import IndexedDataset
 from megagrow.data.native import build_blending_indices, build_sample_idx
 
 
@@ -39,11 +44,12 @@ class Table:
     title: str
     rows: list[tuple[str, str, float]]  # (implementation, measured on, seconds for the full input)
     notes: list[str] = dataclasses.field(default_factory=list)
+    ratio_label: str = "C++ speed-up"  # what "other row's time / first row's time" means here
 
     def render(self) -> str:
         """The table as aligned text, with each row's time relative to the first row."""
         base = self.rows[0][2]
-        header = ("implementation", "measured on", "ms", "C++ speed-up")
+        header = ("implementation", "measured on", "ms", self.ratio_label)
         body = [(name, on, f"{seconds * 1e3:.1f}", f"{seconds / base:.1f}x") for name, on, seconds in self.rows]
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
         lines = [f"## {self.title}", *self.notes]
@@ -123,9 +129,41 @@ def bench_blending(args: argparse.Namespace) -> Table:
     )
 
 
+def bench_preprocess(args: argparse.Namespace) -> Table:
+    """tools/preprocess_data.py with 2 workers against 1 worker, on real text from this machine."""
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        def tool(name: str, *flags: str) -> float:
+            start = time.perf_counter()
+            subprocess.run([sys.executable, str(root / "tools" / name), *flags], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            return time.perf_counter() - start
+
+        tool("build_corpus.py", "--output-dir", tmp, "--domains", "code", "--max-bytes-per-domain",
+             str(args.corpus_bytes))
+        corpus = str(Path(tmp) / "code.jsonl")
+        tool("train_tokenizer.py", "--input", corpus, "--output-prefix", f"{tmp}/tok", "--vocab-size", "8000",
+             "--max-sentences", "200000")
+        times = {}
+        for workers in (2, 1):
+            times[workers] = min(
+                tool("preprocess_data.py", "--input", corpus, "--output-prefix", f"{tmp}/out{workers}",
+                     "--tokenizer-model", f"{tmp}/tok.model", "--append-eod", "--workers", str(workers))
+                for _ in range(args.repeats))
+        tokens = IndexedDataset(f"{tmp}/out1_text_document").num_tokens
+    return Table(
+        title=f"preprocess_data.py: {args.corpus_bytes / 1e6:.0f} MB of stdlib source, {tokens:,} tokens "
+              f"(wall time of the command, start-up included)",
+        rows=[(f"--workers 2 ({tokens / times[2]:,.0f} tokens/s)", "all", times[2]),
+              (f"--workers 1 ({tokens / times[1]:,.0f} tokens/s)", "all", times[1])],
+        ratio_label="2-worker speed-up",
+    )
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], Table]] = {
     "sample_idx": bench_sample_idx,
     "blending": bench_blending,
+    "preprocess": bench_preprocess,
 }
 
 
@@ -140,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blend-samples", type=int, default=500_000)
     parser.add_argument("--loop-fraction", type=float, default=1.0,
                         help="share of the input the Python loop references run on (then scaled)")
+    parser.add_argument("--corpus-bytes", type=int, default=20_000_000, help="text for the preprocessing section")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
