@@ -103,22 +103,28 @@ def check_model_config(saved: dict, current: dict, where: str) -> None:
                         f"pass the same model flags (or grow/convert the checkpoint first)")
 
 
-def load(trainer) -> None:
-    """Restore the trainer from --load (latest iteration); no checkpoint there means a fresh start."""
-    root, train = trainer.train.load, trainer.train
+def is_deepspeed_checkpoint(root) -> bool:
+    """Whether root was saved by the DeepSpeed backend (it holds DeepSpeed's 'latest' tag file)."""
+    return (Path(root) / "latest").is_file()
+
+
+def load_weights(trainer) -> dict | None:
+    """Phase 1, before the optimizer exists: put a native checkpoint's weights into the model.
+
+    Optimizers copy the weights when they are built (fp32 masters, ZeRO partitions), so the
+    weights must be in place first. Returns the loaded shard, or None (no checkpoint yet, or
+    a DeepSpeed checkpoint, which the engine loads in phase 2).
+    """
+    root = trainer.train.load
     iteration = read_tracker(root)
     if iteration is None:
         logger.warning("--load %s holds no checkpoint yet; training from scratch", root)
-        return
-    optimization = trainer.optimization
-    if not isinstance(optimization, NativeOptimization):
-        client_state = optimization.load(root, load_optimizer=not train.no_load_optim)
-        if client_state is None:
-            raise UserError(f"--load {root}: no DeepSpeed checkpoint there (no 'latest' tag); "
-                            f"load native checkpoints without --deepspeed")
-        check_model_config(client_state["config"]["model"], asdict(trainer.model_config), str(root))
-        _restore_progress(trainer, client_state, root)
-        return
+        return None
+    if is_deepspeed_checkpoint(root):
+        if not trainer.train.deepspeed:
+            raise UserError(f"--load {root}: this is a DeepSpeed checkpoint; add --deepspeed, or convert it with "
+                            f"tools/convert_deepspeed_checkpoint.py")
+        return None
     location = dict(iteration=iteration, tp_rank=state.tp_rank(), pp_rank=state.pp_rank(), pp_size=state.pp_size())
     shard = load_shard(root, **location)
     check_model_config(shard.get("config", {}).get("model", {}), asdict(trainer.model_config), str(root))
@@ -126,13 +132,31 @@ def load(trainer) -> None:
     if missing or unexpected:
         raise UserError(f"--load {root}: shard tensors do not match this stage (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]}); was it saved with another --pipeline-layer-split?")
-    # Masters are copies of the weights: rebuild them from the loaded weights first, so a
-    # checkpoint without optimizer state starts from the right masters.
-    optimization.optimizer.sync_masters_from_model()
+    shard["location"] = location
+    return shard
+
+
+def load_training_state(trainer, shard: dict | None) -> None:
+    """Phase 2, with the optimizer built: optimizer, schedule, progress and RNG (or the engine's checkpoint)."""
+    root, train = trainer.train.load, trainer.train
+    optimization = trainer.optimization
+    if shard is None:
+        if read_tracker(root) is not None and is_deepspeed_checkpoint(root):
+            client_state = optimization.load(root, load_optimizer=not train.no_load_optim)
+            check_model_config(client_state["config"]["model"], asdict(trainer.model_config), str(root))
+            _restore_progress(trainer, client_state, root)
+        return
     if "progress" not in shard:
-        logger.info("loaded model weights from %s (iteration %d); starting a new run at iteration 0", root, iteration)
+        logger.info("loaded model weights from %s; starting a new run at iteration 0", root)
+        return
+    if not isinstance(optimization, NativeOptimization):
+        if not train.no_load_optim:
+            raise UserError(f"--load {root}: a native checkpoint's optimizer state cannot be given to DeepSpeed; "
+                            f"pass --no-load-optim to continue from its weights with a fresh optimizer")
+        _restore_progress(trainer, shard, root)
         return
     if not train.no_load_optim:
+        location = shard["location"]
         if optimization.optimizer.shard_over_dp:
             optimizer_state = load_shard(root, filename=_distributed_optimizer_file(state.dp_rank()), **location)
         else:

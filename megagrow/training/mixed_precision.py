@@ -159,13 +159,6 @@ class MixedPrecisionOptimizer:
                 offset, numel = bucket.offsets[id(param)]
                 param.view(-1).copy_(staging[offset : offset + numel])
 
-    @torch.no_grad()
-    def sync_masters_from_model(self) -> None:
-        """Reset the fp32 masters to the model's current weights (after loading weights into the model)."""
-        for f in self.fragments:
-            if f.master is not f.param:
-                f.master.copy_(f.param.detach().reshape(-1)[f.start : f.end].view_as(f.master))
-
     def state_dict(self) -> dict:
         """Adam state, fp32 masters (when they are copies) and the loss scaler."""
         masters = [f.master.detach() if f.master is not f.param else None for f in self.fragments]

@@ -85,6 +85,7 @@ class Trainer:
         stage_layers = ranges[state.pp_rank()]
         self.model = LlamaModel(self.model_config, parallel, layer_range=(stage_layers.start, stage_layers.stop),
                                 seed=train.seed, device=self.device)
+        loaded_shard = checkpoint_state.load_weights(self) if train.load else None
         self.optimization = build_optimization(self.model, train, parallel, self.train_iters,
                                                self.model_config.tie_embeddings)
 
@@ -96,7 +97,7 @@ class Trainer:
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.peak_tflops = peak_tflops(device_name, train.peak_tflops)
         if train.load:
-            checkpoint_state.load(self)
+            checkpoint_state.load_training_state(self, loaded_shard)
         self.metrics = None
         if not dist.is_initialized() or dist.get_rank() == 0:
             self.metrics = MetricsWriter(checkpoint_state.metrics_path(train), train.tensorboard_dir,
