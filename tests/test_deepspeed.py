@@ -83,3 +83,77 @@ def test_json_and_flags_must_agree(data_prefix, tmp_path):
     with pytest.raises(UserError, match="train_micro_batch_size_per_gpu is 4 but --micro-batch-size gives 2"):
         run_distributed(_train, 1, _flags(data_prefix, extra=["--deepspeed", "--deepspeed_config", str(config)]), 1,
                         str(tmp_path))
+
+
+def _resume_flags(data_prefix, iters, stage, extra=()):
+    flags = _flags(data_prefix, extra=["--deepspeed", "--zero-stage", str(stage), *extra])
+    flags[flags.index("--train-iters") + 1] = str(iters)
+    return flags + ["--lr-decay-iters", "8"]
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_resume_through_deepspeed_is_bit_identical(data_prefix, tmp_path, stage):
+    straight = run_distributed(_train, 2, _resume_flags(data_prefix, 8, stage), 2, str(tmp_path / "a"))[0]
+    ckpt = str(tmp_path / "ckpt")
+    common = ["--save", ckpt, "--load", ckpt, "--save-interval", "4"]
+    first = run_distributed(_train, 2, _resume_flags(data_prefix, 4, stage, common), 2, str(tmp_path / "b"))[0]
+    second = run_distributed(_train, 2, _resume_flags(data_prefix, 8, stage, common), 2, str(tmp_path / "c"))[0]
+    assert first + second == straight
+
+
+def _train_and_evaluate(flags, world, metrics_dir):
+    os.environ.update(WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(dist.get_rank()), LOCAL_RANK=str(dist.get_rank()))
+    config = parse_args(flags + ["--metrics-file", f"{metrics_dir}/metrics.jsonl"])
+    state.initialize(tp=config.parallel.tp, pp=config.parallel.pp, dp=config.parallel.dp)
+    try:
+        trainer = Trainer(config.model, config.parallel, config.train, config.data)
+        trainer.run()
+        return trainer.evaluate()["loss"]
+    finally:
+        state.destroy()
+
+
+@pytest.mark.parametrize("stage, tp, pp", [(3, 2, 1), (1, 1, 2)], ids=["zero3-tp2", "zero1-pp2"])
+def test_deepspeed_checkpoint_converts_to_megagrow_layout(tmp_path, stage, tp, pp):
+    import importlib.util
+
+    prefix = write_dataset(tmp_path / "pattern", patterned_documents(2, 200, 80))
+    common = ["--eval-iters", "1"]
+    ds_flags = _flags(prefix, tp, pp, ["--deepspeed", "--zero-stage", str(stage), "--save", str(tmp_path / "ds"),
+                                       *common])
+    ds_flags[ds_flags.index("--train-iters") + 1] = "3"
+    ds_flags[ds_flags.index("--split") + 1] = "80,20,0"
+    ds_flags[ds_flags.index("--eval-interval") + 1] = "1000"
+    world = tp * pp * 2
+    ds_loss = run_distributed(_train_and_evaluate, world, ds_flags, world, str(tmp_path))[0]
+
+    spec = importlib.util.spec_from_file_location("convert_ds", os.path.join(os.path.dirname(__file__), "..", "tools",
+                                                                            "convert_deepspeed_checkpoint.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.main(["--load", str(tmp_path / "ds"), "--save", str(tmp_path / "native"),
+               "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "1"])
+
+    native_flags = _flags(prefix, 2, 1, ["--load", str(tmp_path / "native")])
+    native_flags[native_flags.index("--train-iters") + 1] = "1"
+    native_flags[native_flags.index("--split") + 1] = "80,20,0"
+    native_flags[native_flags.index("--lr") + 1] = "0"
+    native_flags[native_flags.index("--eval-interval") + 1] = "1000"
+    native_flags[native_flags.index("--lr-warmup-iters") + 1] = "0"
+    native_flags += common
+    native_loss = run_distributed(_train_and_evaluate, 2, native_flags, 2, str(tmp_path))[0]
+    assert native_loss == pytest.approx(ds_loss, rel=1e-5)
+
+
+@pytest.mark.slow  # DeepSpeed compiles its CPU Adam on first use (about 90 s on 2 cores)
+def test_zero_offload_through_the_json(native, data_prefix, tmp_path):
+    config = tmp_path / "offload.json"
+    config.write_text(json.dumps({
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}},
+        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    flags = _flags(data_prefix, extra=["--deepspeed", "--deepspeed_config", str(config)])
+    losses = run_distributed(_train, 2, flags, 2, str(tmp_path), timeout_s=600)[0]
+    assert losses == pytest.approx(native, rel=1e-4)

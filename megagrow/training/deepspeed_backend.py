@@ -27,7 +27,7 @@ from megagrow.parallel import state
 from megagrow.training.lr_schedule import LRScheduler
 from megagrow.training.mixed_precision import StepResult
 from megagrow.training.optimization import lr_schedule_config, optimizer_config, sum_replicated_grads
-from megagrow.training.optimizer import build_adamw
+from megagrow.training.optimizer import build_adamw, weight_decay_groups
 
 logger = logging.getLogger("megagrow.training")
 
@@ -162,8 +162,10 @@ class DeepSpeedOptimization:
         optimizer = None
         if "optimizer" not in self.config:  # a json "optimizer" section (e.g. for ZeRO-Offload) wins
             optimizer = build_adamw(model.parameters(), optimizer_config(train))
+        # Weight-decay groups also when DeepSpeed builds the optimizer from the json.
+        groups = weight_decay_groups(model.parameters(), train.weight_decay)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            model=model, optimizer=optimizer, model_parameters=groups,
             lr_scheduler=lambda opt: LRScheduler(opt, schedule), mpu=DeepSpeedMPU(), config=self.config)
         # Forward through the engine: ZeRO-2/3 hook their gradient reduction onto its outputs.
         self.forward_model = self.engine
