@@ -1,0 +1,116 @@
+"""Convert checkpoints: megagrow (any tp/pp) <-> HF LlamaForCausalLM, and megagrow -> another tp/pp layout.
+
+    python tools/convert_checkpoint.py to-hf --load ckpt [--iteration N] --save hf_model
+    python tools/convert_checkpoint.py from-hf --load hf_model --save ckpt \\
+        --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2
+    python tools/convert_checkpoint.py reshard --load ckpt --save ckpt_tp1 \\
+        --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1
+
+Written megagrow checkpoints hold the model and its config only: `pretrain_gpt.py --load`
+starts a new run from them (fresh optimizer, iteration 0); pass the same model flags, and
+for an HF import the --seq-length and --make-vocab-size-divisible-by given here.
+`reshard` keeps the source's iteration number; optimizer state is not carried over.
+HF output is config.json plus safetensors (split into files of --max-shard-size GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from megagrow.checkpoint.hf_llama import DEFAULT_MAX_SHARD_BYTES, HFCheckpointReader, save_hf
+from megagrow.checkpoint.reshard import CheckpointReader, save_sharded
+from megagrow.errors import UserError, exit_on_user_error
+from megagrow.training.checkpointing import read_tracker
+
+HF_IMPORT_ITERATION = 0
+
+
+def _refuse_existing_checkpoint(save: str, load: str) -> None:
+    if Path(save).resolve() == Path(load).resolve():
+        raise UserError(f"--save {save} is the --load directory; write the converted checkpoint to a new directory")
+    if read_tracker(save) is not None:
+        raise UserError(f"--save {save} already holds a checkpoint; choose a new directory")
+
+
+def run_to_hf(args: argparse.Namespace) -> Path:
+    """megagrow checkpoint -> HF directory."""
+    reader = CheckpointReader(args.load, args.iteration)
+    print(f"reading {args.load} iteration {reader.iteration} (tp={reader.tp} pp={reader.pp})")
+    path = save_hf(args.save, reader.config, reader.read_group, max_shard_bytes=int(args.max_shard_size * 1024**3))
+    print(f"wrote HF LlamaForCausalLM to {path}")
+    return path
+
+
+def run_from_hf(args: argparse.Namespace) -> Path:
+    """HF directory -> megagrow checkpoint of the target layout."""
+    _refuse_existing_checkpoint(args.save, args.load)
+    reader = HFCheckpointReader(args.load, seq_length=args.seq_length,
+                                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+    path = save_sharded(args.save, HF_IMPORT_ITERATION, reader.config, reader.read_group,
+                        tp=args.target_tensor_parallel_size, pp=args.target_pipeline_parallel_size,
+                        layers_per_stage=args.pipeline_layer_split)
+    print(f"wrote {path} (tp={args.target_tensor_parallel_size} pp={args.target_pipeline_parallel_size}); "
+          f"train from it with --load {args.save} --seq-length {reader.config.seq_length} "
+          f"--make-vocab-size-divisible-by {reader.config.make_vocab_size_divisible_by}")
+    return path
+
+
+def run_reshard(args: argparse.Namespace) -> Path:
+    """megagrow checkpoint -> megagrow checkpoint of another layout."""
+    _refuse_existing_checkpoint(args.save, args.load)
+    reader = CheckpointReader(args.load, args.iteration)
+    print(f"reading {args.load} iteration {reader.iteration} (tp={reader.tp} pp={reader.pp})")
+    path = save_sharded(args.save, reader.iteration, reader.config, reader.read_group,
+                        tp=args.target_tensor_parallel_size, pp=args.target_pipeline_parallel_size,
+                        layers_per_stage=args.pipeline_layer_split)
+    print(f"wrote {path} (tp={args.target_tensor_parallel_size} pp={args.target_pipeline_parallel_size})")
+    return path
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line flags of the three subcommands."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_hf = commands.add_parser("to-hf", help="megagrow checkpoint -> HF LlamaForCausalLM directory")
+    from_hf = commands.add_parser("from-hf", help="HF LlamaForCausalLM directory -> megagrow checkpoint")
+    reshard = commands.add_parser("reshard", help="megagrow checkpoint -> another tensor/pipeline layout")
+    for command in (to_hf, from_hf, reshard):
+        command.add_argument("--load", required=True, metavar="DIR", help="directory to convert")
+        command.add_argument("--save", required=True, metavar="DIR", help="new directory to write")
+    for command in (to_hf, reshard):
+        command.add_argument("--iteration", type=int, help="iteration to convert (default: the latest)")
+    for command in (from_hf, reshard):
+        command.add_argument("--target-tensor-parallel-size", type=_positive, default=1, metavar="T",
+                             help="tensor-parallel size of the written checkpoint (default 1)")
+        command.add_argument("--target-pipeline-parallel-size", type=_positive, default=1, metavar="P",
+                             help="pipeline-parallel size of the written checkpoint (default 1)")
+        command.add_argument("--pipeline-layer-split", type=_positive, nargs="+", metavar="N",
+                             help="layers per target stage, e.g. 5 6 6 5 (default: even)")
+    from_hf.add_argument("--seq-length", type=_positive,
+                         help="training sequence length (default: the model's max_position_embeddings)")
+    from_hf.add_argument("--make-vocab-size-divisible-by", type=_positive, default=128, metavar="N",
+                         help="vocabulary padding multiple (per tp rank), as pretrain_gpt.py's flag (default 128)")
+    to_hf.add_argument("--max-shard-size", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1024**3, metavar="GB",
+                       help="largest safetensors file (default 5)")
+    return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> Path:
+    """Run one subcommand; returns the directory written."""
+    args = parse_args(argv)
+    return {"to-hf": run_to_hf, "from-hf": run_from_hf, "reshard": run_reshard}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
