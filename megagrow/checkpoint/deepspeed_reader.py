@@ -1,0 +1,120 @@
+"""Read a checkpoint written by the DeepSpeed backend (any ZeRO stage) as full, unsharded tensors.
+
+DeepSpeed's layout under `{root}/{tag}/` for a run with model-parallel ranks
+mp = pp_rank * tp + tp_rank (megagrow.parallel.state.mp_rank):
+
+    ZeRO 0-2   mp_rank_MM_model_states.pt            "module": this (tp, pp) shard's weights
+    ZeRO 3     zero_pp_rank_D_mp_rank_MM_model_states.pt   "module" holds empty placeholders;
+               zero_pp_rank_D_mp_rank_MM_optim_states.pt   fp32 partitions: every parameter is
+               cut into dp pieces of ceil(numel / dp) elements, and rank D's flat group is the
+               concatenation of its piece of each parameter, in "param_shapes" order
+
+ZeRO-3 weights are therefore rebuilt from the fp32 master partitions (exact), the others
+from the module weights (in the training dtype). The run's megagrow config travels in the
+client state ("config"). Optimizer files hold a DeepSpeed enum and loss-scaler objects, so
+they are loaded with weights_only and those plain classes allowed; anything else is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from megagrow.checkpoint.reshard import model_config_from_record
+from megagrow.checkpoint.tp_layout import merge_from_tp
+from megagrow.config import ModelConfig
+from megagrow.errors import UserError
+
+_MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
+
+
+def _load(path: Path) -> dict:
+    safe = []
+    try:  # plain data classes DeepSpeed pickles into its files; allowing them runs no code
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        safe += [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    except ImportError:
+        pass
+    try:
+        with torch.serialization.safe_globals(safe):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling problem ends in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: cannot be loaded safely ({first[:160]}); is it a DeepSpeed checkpoint from megagrow?") from None
+
+
+def latest_tag(root: str | os.PathLike) -> str:
+    """The tag DeepSpeed's `latest` file names under root."""
+    latest = Path(root) / "latest"
+    if not latest.is_file():
+        raise UserError(f"{root}: no DeepSpeed 'latest' file; pass --tag or check --load")
+    return latest.read_text().strip()
+
+
+def read_deepspeed_checkpoint(root: str | os.PathLike, tag: str | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor], int]:
+    """(model config, full state dict, iteration) of a DeepSpeed checkpoint written by megagrow."""
+    tag = tag or latest_tag(root)
+    directory = Path(root) / tag
+    if not directory.is_dir():
+        raise UserError(f"DeepSpeed checkpoint directory not found: {directory}")
+    files: dict[int, dict[int, Path]] = {}  # mp rank -> dp rank -> model-states file
+    for entry in directory.iterdir():
+        match = _MODEL_STATES.match(entry.name)
+        if match:
+            files.setdefault(int(match.group(2)), {})[int(match.group(1) or 0)] = entry
+    if not files:
+        raise UserError(f"{directory}: no *model_states.pt files; not a DeepSpeed checkpoint")
+    first = _load(next(iter(files[min(files)].values())))
+    record = first.get("config")
+    if not record:
+        raise UserError(f"{directory}: no megagrow config in the client state; only checkpoints written by "
+                        f"pretrain_gpt.py --deepspeed can be converted")
+    config = model_config_from_record(first, str(directory))
+    tp, pp = record["parallel"]["tp"], record["parallel"]["pp"]
+    if sorted(files) != list(range(tp * pp)):
+        raise UserError(f"{directory}: model-parallel ranks {sorted(files)} do not match tp={tp} x pp={pp}; "
+                        f"the checkpoint is incomplete")
+    iteration = int(first.get("progress", {}).get("iteration", 0))
+    shards = {mp: _mp_rank_weights(directory, mp, files[mp]) for mp in range(tp * pp)}
+    return config, _merge(shards, config, tp, pp), iteration
+
+
+def _mp_rank_weights(directory: Path, mp: int, by_dp: dict[int, Path]) -> dict[str, torch.Tensor]:
+    states = _load(by_dp[min(by_dp)])
+    module = states["module"]
+    if not any(t.numel() == 0 for t in module.values()):
+        return dict(module)  # ZeRO 0-2: the module weights are whole
+    dp = int(states["dp_world_size"])
+    partitions = []
+    for rank in range(dp):
+        path = directory / f"zero_pp_rank_{rank}_mp_rank_{mp:02d}_optim_states.pt"
+        if not path.is_file():
+            raise UserError(f"{path}: missing; ZeRO-3 weights need every data-parallel rank's optimizer file")
+        partitions.append(_load(path)["optimizer_state_dict"]["fp32_flat_groups"])
+    weights = {}
+    for group, shapes in enumerate(states["param_shapes"]):
+        offset = 0
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            piece = math.ceil(numel / dp)
+            full = torch.cat([partitions[rank][group][offset : offset + piece] for rank in range(dp)])
+            weights[name] = full[:numel].view(shape).to(module[name].dtype)
+            offset += piece
+    return weights
+
+
+def _merge(shards: dict[int, dict[str, torch.Tensor]], config: ModelConfig, tp: int, pp: int) -> dict[str, torch.Tensor]:
+    full = {}
+    for stage in range(pp):
+        names = shards[stage * tp].keys()
+        for name in names:
+            if name == "output_layer.weight" and config.tie_embeddings:
+                continue  # the last stage's copy of the tied embedding
+            full[name] = merge_from_tp(name, [shards[stage * tp + t][name] for t in range(tp)], config)
+    return full
