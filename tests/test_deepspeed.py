@@ -9,10 +9,8 @@ pytest.importorskip("deepspeed")
 
 from data_factory import patterned_documents, write_dataset  # noqa: E402
 from distributed_harness import run_distributed  # noqa: E402
-from megagrow.arguments import parse_args  # noqa: E402
 from megagrow.errors import UserError  # noqa: E402
-from megagrow.parallel import state  # noqa: E402
-from megagrow.training.trainer import Trainer  # noqa: E402
+from trainer_runs import train_losses, trainer_from_flags  # noqa: E402
 
 STEPS = 5
 
@@ -26,18 +24,7 @@ def _flags(data_prefix, tp=1, pp=1, extra=()):
 
 
 def _train(flags, world, metrics_dir):
-    os.environ.update(WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
-    import torch.distributed as dist
-
-    os.environ.update(RANK=str(dist.get_rank()), LOCAL_RANK=str(dist.get_rank()))
-    config = parse_args(flags + ["--metrics-file", f"{metrics_dir}/metrics.jsonl"])
-    state.initialize(tp=config.parallel.tp, pp=config.parallel.pp, dp=config.parallel.dp)
-    try:
-        trainer = Trainer(config.model, config.parallel, config.train, config.data)
-        trainer.run()
-        return [loss for _, loss in trainer.losses]
-    finally:
-        state.destroy()
+    return train_losses(flags + ["--metrics-file", f"{metrics_dir}/metrics.jsonl"], world)
 
 
 @pytest.fixture(scope="module")
@@ -112,18 +99,9 @@ def test_resume_through_deepspeed_is_bit_identical(data_prefix, tmp_path, stage)
 
 
 def _train_and_evaluate(flags, world, metrics_dir):
-    os.environ.update(WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
-    import torch.distributed as dist
-
-    os.environ.update(RANK=str(dist.get_rank()), LOCAL_RANK=str(dist.get_rank()))
-    config = parse_args(flags + ["--metrics-file", f"{metrics_dir}/metrics.jsonl"])
-    state.initialize(tp=config.parallel.tp, pp=config.parallel.pp, dp=config.parallel.dp)
-    try:
-        trainer = Trainer(config.model, config.parallel, config.train, config.data)
+    with trainer_from_flags(flags + ["--metrics-file", f"{metrics_dir}/metrics.jsonl"], world) as trainer:
         trainer.run()
         return trainer.evaluate()["loss"]
-    finally:
-        state.destroy()
 
 
 @pytest.mark.parametrize("stage, tp, pp", [(3, 2, 1), (1, 1, 2)], ids=["zero3-tp2", "zero1-pp2"])

@@ -4,9 +4,7 @@ import pytest
 
 from data_factory import patterned_documents, write_dataset
 from distributed_harness import run_distributed
-from megagrow.arguments import parse_args
-from megagrow.parallel import state
-from megagrow.training.trainer import Trainer
+from trainer_runs import train_losses
 
 STEPS = 5
 
@@ -20,17 +18,7 @@ def _flags(tp, pp, data_prefix, extra=()):
 
 
 def _train(tp, pp, world, extra, data_prefix, metrics_dir):
-    import os
-
-    os.environ["WORLD_SIZE"] = str(world)
-    config = parse_args(_flags(tp, pp, data_prefix, extra) + ["--metrics-file", f"{metrics_dir}/metrics.jsonl"])
-    state.initialize(tp=config.parallel.tp, pp=config.parallel.pp, dp=config.parallel.dp)
-    try:
-        trainer = Trainer(config.model, config.parallel, config.train, config.data)
-        trainer.run()
-        return [loss for _, loss in trainer.losses]
-    finally:
-        state.destroy()
+    return train_losses(_flags(tp, pp, data_prefix, extra) + ["--metrics-file", f"{metrics_dir}/metrics.jsonl"], world)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """Training-loop features: skipped steps, metrics file, precisions, uneven pipeline split, YAML config."""
 
-import json
 import math
-import os
 
 import pytest
 import torch
@@ -11,9 +9,8 @@ from data_factory import patterned_documents, write_dataset
 from distributed_harness import run_distributed
 from megagrow.arguments import parse_args
 from megagrow.errors import UserError
-from megagrow.parallel import state
 from megagrow.training.metrics import read_metrics
-from megagrow.training.trainer import Trainer
+from trainer_runs import trainer_from_flags
 
 
 def _flags(iters, extra=(), data=("--mock-data",)):
@@ -23,11 +20,7 @@ def _flags(iters, extra=(), data=("--mock-data",)):
 
 
 def _train(flags, world=1, poison_iterations=()):
-    os.environ["WORLD_SIZE"] = str(world)
-    config = parse_args(flags)
-    state.initialize(tp=config.parallel.tp, pp=config.parallel.pp, dp=config.parallel.dp)
-    try:
-        trainer = Trainer(config.model, config.parallel, config.train, config.data)
+    with trainer_from_flags(flags, world) as trainer:
         if poison_iterations:
             def poison(_module, _inputs, output):
                 # The iteration being computed is progress.iteration + 1.
@@ -36,8 +29,6 @@ def _train(flags, world=1, poison_iterations=()):
         trainer.run()
         masters = [f.master.dtype for f in trainer.optimization.optimizer.fragments]
         return trainer.losses, trainer.progress, masters, [p.dtype for p in trainer.model.parameters()]
-    finally:
-        state.destroy()
 
 
 def test_non_finite_steps_are_skipped_counted_and_logged(tmp_path):

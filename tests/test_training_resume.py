@@ -10,11 +10,9 @@ import pytest
 
 from data_factory import random_documents, write_dataset
 from distributed_harness import run_distributed
-from megagrow.arguments import parse_args
 from megagrow.errors import UserError
-from megagrow.parallel import state
 from megagrow.training.checkpointing import read_tracker
-from megagrow.training.trainer import Trainer
+from trainer_runs import trainer_from_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,15 +26,9 @@ def _flags(data_prefix, iters, extra=()):
 
 
 def _run(flags):
-    os.environ["WORLD_SIZE"] = "1"
-    config = parse_args(flags)
-    state.initialize(tp=1, pp=1, dp=1)
-    try:
-        trainer = Trainer(config.model, config.parallel, config.train, config.data)
+    with trainer_from_flags(flags) as trainer:
         trainer.run()
         return trainer.losses
-    finally:
-        state.destroy()
 
 
 @pytest.fixture
