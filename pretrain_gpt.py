@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from megagrow.arguments import describe, parse_args
 from megagrow.errors import exit_on_user_error
+from megagrow.growth.in_run import train_with_growth
 from megagrow.parallel import state
 from megagrow.training.trainer import Trainer
 
@@ -28,7 +29,10 @@ def main(argv=None):
     state.initialize(tp=config.parallel.tp, pp=config.parallel.pp, dp=config.parallel.dp)
     try:
         logging.getLogger("megagrow").info("configuration\n%s", describe(config))
-        Trainer(config.model, config.parallel, config.train, config.data).run()
+        if config.train.grow_at_tokens:
+            train_with_growth(config.model, config.parallel, config.train, config.data)
+        else:
+            Trainer(config.model, config.parallel, config.train, config.data).run()
     finally:
         state.destroy()
         if dist.is_initialized():

@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-cache-path")
     g.add_argument("--num-workers", type=int)
     g.add_argument("--mock-data", action="store_true", help="random tokens (smoke tests, benchmarks)")
+    g = p.add_argument_group("model growth (G_stack during the run)")
+    g.add_argument("--grow-at-tokens", type=int, help="save at this many tokens, grow in depth, continue")
+    g.add_argument("--growth-factor", type=int, help="layers x this factor (default 4)")
+    g.add_argument("--growth-operator", help="depth operator of megagrow/growth (default depth:stack)")
+    g.add_argument("--stack-optimizer-state", action="store_true", help="stack the Adam moments too (else fresh)")
     g = p.add_argument_group("checkpoints and logging")
     for flag, kind in (("--save", str), ("--load", str), ("--save-interval", int), ("--eval-interval", int),
                        ("--eval-iters", int), ("--log-interval", int), ("--tensorboard-dir", str),

@@ -243,6 +243,11 @@ class TrainConfig:
     max_consecutive_skipped_steps: int = 10
     peak_tflops: float | None = None  # per-device peak for MFU; default from the device table
     exit_on_signal: bool = True  # SIGTERM/SIGINT: save a checkpoint at the end of the iteration, then exit
+    # Grow the model in depth once this many tokens are consumed, then continue (megagrow/growth/in_run.py).
+    grow_at_tokens: int | None = None
+    growth_factor: int = 4
+    growth_operator: str = "depth:stack"
+    stack_optimizer_state: bool = False  # carry Adam moments through the growth, stacked like the weights
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:

@@ -183,8 +183,9 @@ def reader_from_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) 
     return read_group
 
 
-def _stage_shard(config: ModelConfig, read_group: GroupReader, layers: range, *, tp: int, tp_rank: int,
-                 first: bool, last: bool) -> dict[str, torch.Tensor]:
+def stage_shard(config: ModelConfig, read_group: GroupReader, layers: range, *, tp: int, tp_rank: int,
+                first: bool, last: bool) -> dict[str, torch.Tensor]:
+    """This (tp_rank, stage)'s part of the model read through `read_group`: embedding, layers, head as owned."""
     groups: list[Group] = ([EMBEDDING_GROUP] if first else []) + list(layers) + ([HEAD_GROUP] if last else [])
     model = {}
     for group in groups:
@@ -206,12 +207,12 @@ def shard_record(config: ModelConfig, model: dict[str, torch.Tensor], tp: int, p
     }
 
 
-def _write_all_shards(root: Path, iteration: int, shards: Iterator[tuple[int, int, dict]], pp: int) -> Path:
+def write_all_shards(root: Path, iteration: int, shards: Iterator[tuple[int, int, dict]], pp: int) -> Path:
+    """Write every (tp_rank, pp_rank, shard) of one iteration from a single process, atomically."""
     # save_checkpoint is collective: the coordinator creates the temporary directory, every
     # rank writes its shard after the first barrier, the coordinator renames and updates the
-    # tracker. One process plays every rank: it is the coordinator, and the other ranks'
-    # shards are written, one at a time, when the coordinator reaches that first barrier.
-    _, _, first_shard = next(shards)
+    # tracker. One process plays every rank: as coordinator it writes nothing itself, and
+    # at the first barrier it writes each shard in turn, so only one shard is in memory.
     at_first_barrier = True
 
     def barrier() -> None:
@@ -223,8 +224,7 @@ def _write_all_shards(root: Path, iteration: int, shards: Iterator[tuple[int, in
             save_checkpoint(root, iteration, shard, tp_rank=tp_rank, pp_rank=pp_rank, pp_size=pp,
                             barrier=lambda: None, is_coordinator=lambda: False)
 
-    return save_checkpoint(root, iteration, first_shard, tp_rank=0, pp_rank=0, pp_size=pp,
-                           barrier=barrier, is_coordinator=lambda: True)
+    return save_checkpoint(root, iteration, None, pp_size=pp, barrier=barrier, is_coordinator=lambda: True)
 
 
 def save_sharded(root: str | os.PathLike, iteration: int, config: ModelConfig, read_group: GroupReader, *, tp: int,
@@ -237,12 +237,12 @@ def save_sharded(root: str | os.PathLike, iteration: int, config: ModelConfig, r
     def shards() -> Iterator[tuple[int, int, dict]]:
         for pp_rank, layers in enumerate(stages):
             for tp_rank in range(tp):
-                model = _stage_shard(config, read_group, layers, tp=tp, tp_rank=tp_rank, first=pp_rank == 0,
+                model = stage_shard(config, read_group, layers, tp=tp, tp_rank=tp_rank, first=pp_rank == 0,
                                      last=pp_rank == pp - 1)
                 yield tp_rank, pp_rank, shard_record(config, model, tp, pp)
                 bar.update()
 
     try:
-        return _write_all_shards(Path(root), iteration, shards(), pp)
+        return write_all_shards(Path(root), iteration, shards(), pp)
     finally:
         bar.close()

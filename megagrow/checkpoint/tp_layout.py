@@ -66,7 +66,7 @@ def parse_layer_param(name: str) -> tuple[int, str] | None:
 
 def tp_split(name: str, config: ModelConfig) -> TPSplit:
     """The tensor-parallel split of parameter `name` of a model with `config`."""
-    d, h = config.head_dim, config.hidden_size
+    d = config.head_dim
     ffn = config.ffn_hidden_size
     if name in VOCAB_PARAMS:
         return TPSplit(0, vocab=True)

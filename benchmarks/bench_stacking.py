@@ -1,0 +1,139 @@
+"""Peak resident memory of tools/stack_checkpoint.py against the sizes of the checkpoints it reads and writes.
+
+    python benchmarks/bench_stacking.py                      # ~670 MB base, x2, into pp=4 and pp=1
+    python benchmarks/bench_stacking.py --append-to benchmarks/RESULTS.md
+
+A base checkpoint of random weights (default: hidden 1024, 8 layers, vocab 32000, fp32, tp=1
+pp=2) is written by a separate process; then each target layout is grown by the CLI in its
+own process, whose peak RSS (its own getrusage ru_maxrss: anonymous memory plus touched
+pages of the memory-mapped base shards) is compared with the base checkpoint, the grown
+checkpoint and its largest shard. A child that only imports the tool gives the fixed cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MB = 1024**2
+
+_WRITE_BASE = """
+import sys, torch
+from megagrow.checkpoint.reshard import group_keys, group_param_names, reader_from_state_dict, save_sharded
+from megagrow.checkpoint.tp_layout import full_shape
+from megagrow.config import ModelConfig
+config = ModelConfig(num_layers={layers}, hidden_size={hidden}, ffn_hidden_size={ffn}, num_attention_heads=16,
+                     vocab_size={vocab}, seq_length=256)
+state = {{name: torch.randn(full_shape(name, config)) * 0.02
+         for group in group_keys(config) for name in group_param_names(group, config)}}
+save_sharded(sys.argv[1], 100, config, reader_from_state_dict(state, config), tp=1, pp=2, progress=False)
+"""
+
+
+# Runs a script (or a bare import) and prints, last, its own peak RSS and the peaks of its
+# anonymous (heap) and file-backed (memory-mapped checkpoint pages) parts, sampled every 10 ms.
+_MEASURE = """
+import resource, runpy, sys, threading, time
+peaks = {"RssAnon": 0, "RssFile": 0}
+def sample():
+    while True:
+        for line in open("/proc/self/status"):
+            name, _, value = line.partition(":")
+            if name in peaks:
+                peaks[name] = max(peaks[name], int(value.split()[0]))
+        time.sleep(0.01)
+threading.Thread(target=sample, daemon=True).start()
+if sys.argv[1:]:
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+else:
+    import torch, megagrow.growth.stacking
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, peaks["RssAnon"], peaks["RssFile"])
+"""
+
+
+def _peak_rss_mb(argv: list[str]) -> tuple[list[float], float]:
+    """([peak RSS, peak anonymous, peak file-backed] in MB, wall seconds) of a child running `argv` ([]: imports)."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", _MEASURE, *argv], check=True, cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return [int(kb) / 1024 for kb in result.stdout.split()[-3:]], time.perf_counter() - start
+
+
+def _size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*.pt")) / MB
+
+
+def _largest_shard_mb(path: Path) -> float:
+    return max(f.stat().st_size for f in path.rglob("*.pt")) / MB
+
+
+def main() -> None:
+    """Write the base, grow it into each target layout, print (and optionally append) the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--ffn", type=int, default=2816)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--factor", type=int, default=2)
+    parser.add_argument("--targets", nargs="+", default=["1x4", "1x1"], help="target layouts TxP")
+    parser.add_argument("--append-to", type=Path)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench_stacking_"))
+    try:
+        base = work / "base"
+        script = _WRITE_BASE.format(layers=args.layers, hidden=args.hidden, ffn=args.ffn, vocab=args.vocab)
+        subprocess.run([sys.executable, "-c", script, str(base)], check=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+        rows = []
+        (import_peak, import_anon, _), _ = _peak_rss_mb([])
+        for target in args.targets:
+            tp, pp = target.split("x")
+            grown = work / f"grown_{target}"
+            peak, seconds = _peak_rss_mb([
+                "tools/stack_checkpoint.py", "--load", str(base), "--save", str(grown),
+                "--growth-factor", str(args.factor), "--target-tensor-parallel-size", tp,
+                "--target-pipeline-parallel-size", pp, "--no-progress-bar"])
+            rows.append((f"tp={tp} pp={pp}", *peak, _size_mb(grown), _largest_shard_mb(grown), seconds))
+            shutil.rmtree(grown)
+        base_mb = _size_mb(base)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    command = "python benchmarks/bench_stacking.py " + " ".join(sys.argv[1:])
+    lines = [
+        f"## Stacking memory (tools/stack_checkpoint.py) — {datetime.date.today()}",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}; command: `{command}`.",
+        (f"Base: {args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, vocab {args.vocab}, fp32, tp=1 pp=2: "
+         f"{base_mb:.0f} MB on disk. Grown x{args.factor} (depth:stack). Peak RSS of the tool's process "
+         f"(ru_maxrss) and the sampled peaks of its anonymous and file-backed (memory-mapped checkpoint pages, "
+         f"reclaimable) parts; Python + torch + imports alone: {import_peak:.0f} MB RSS, {import_anon:.0f} MB "
+         f"anonymous."),
+        "",
+        ("| target | peak RSS (MB) | peak anonymous (MB) | peak file-backed (MB) | grown checkpoint (MB) "
+         "| largest target shard (MB) | base checkpoint (MB) | wall (s) |"),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for target, peak, anon, file_backed, grown_mb, shard_mb, seconds in rows:
+        lines.append(f"| {target} | {peak:.0f} | {anon:.0f} | {file_backed:.0f} | {grown_mb:.0f} | {shard_mb:.0f} | "
+                     f"{base_mb:.0f} | {seconds:.1f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.append_to:
+        with open(args.append_to, "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

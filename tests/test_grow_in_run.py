@@ -1,0 +1,86 @@
+"""pretrain_gpt.py --grow-at-tokens: base phase, growth and grown phase in one command, equal to doing them by hand."""
+
+import os
+
+import pytest
+from data_factory import random_documents, write_dataset
+from distributed_harness import run_distributed
+
+from megagrow.arguments import parse_args
+from megagrow.checkpoint.reshard import CheckpointReader
+from megagrow.errors import UserError
+from megagrow.growth import GrowthSpec
+from megagrow.growth.in_run import phase_configs, train_with_growth
+from megagrow.growth.run_state import RunStateOptions
+from megagrow.growth.stacking import stack_checkpoint
+from megagrow.parallel import state
+from megagrow.training.checkpointing import load_shard, read_tracker
+from megagrow.training.trainer import Trainer
+
+TOKENS_PER_ITERATION = 4 * 16  # global batch x seq length
+
+
+def _flags(data_prefix, layers, extra=()):
+    return ["--model-preset", "tiny", "--num-layers", str(layers), "--vocab-size", "1000", "--seq-length", "16",
+            "--data-path", data_prefix, "--split", "90,10,0", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "100", "--eval-interval", "0",
+            "--eval-iters", "1", "--pipeline-model-parallel-size", "2", *extra]
+
+
+def _run(flags):
+    os.environ["WORLD_SIZE"] = "2"
+    config = parse_args(flags)
+    state.initialize(tp=1, pp=2, dp=1)
+    try:
+        if config.train.grow_at_tokens:
+            trainer = train_with_growth(config.model, config.parallel, config.train, config.data)
+        else:
+            trainer = Trainer(config.model, config.parallel, config.train, config.data)
+            trainer.run()
+        return trainer.losses
+    finally:
+        state.destroy()
+
+
+@pytest.fixture(scope="module")
+def data_prefix(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data") / "docs", random_documents(3, 300, 60))
+
+
+def test_growing_in_the_run_equals_the_two_step_recipe(tmp_path, data_prefix):
+    ckpt = tmp_path / "run"
+    growth = ["--grow-at-tokens", str(2 * TOKENS_PER_ITERATION), "--growth-factor", "2", "--stack-optimizer-state"]
+    grown_losses = run_distributed(_run, 2, _flags(data_prefix, 2, ["--train-iters", "4", "--save", str(ckpt),
+                                                                     "--load", str(ckpt), *growth]))[0]
+    assert [i for i, _ in grown_losses] == [3, 4]
+    assert read_tracker(ckpt) == 2 and read_tracker(ckpt / "grown") == 4
+    assert CheckpointReader(ckpt / "grown").config.num_layers == 4
+    assert load_shard(ckpt / "grown", iteration=2, pp_rank=1, pp_size=2)["growth"]["factor"] == 2
+
+    # By hand: train the base with the whole run's LR schedule, grow with the run state, resume.
+    manual = tmp_path / "manual"
+    schedule = ["--lr-decay-iters", "4"]
+    run_distributed(_run, 2, _flags(data_prefix, 2, ["--train-iters", "2", "--save", str(manual), *schedule]))
+    stack_checkpoint(manual, manual / "grown", GrowthSpec("depth:stack", factor=2), progress=False,
+                     run_state=RunStateOptions(stack_optimizer_state=True))
+    manual_losses = run_distributed(_run, 2, _flags(data_prefix, 4, ["--train-iters", "4", "--load",
+                                                                     str(manual / "grown"), *schedule]))[0]
+    assert manual_losses == grown_losses  # bit-identical
+
+    # Relaunching the same command later continues the grown phase.
+    more = run_distributed(_run, 2, _flags(data_prefix, 2, ["--train-iters", "5", "--save", str(ckpt),
+                                                            "--load", str(ckpt), *growth]))[0]
+    assert [i for i, _ in more] == [5] and read_tracker(ckpt / "grown") == 5
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--grow-at-tokens needs --save"),
+    (["--save", "ckpt", "--use-distributed-optimizer"], "non-distributed optimizer only"),
+    (["--save", "ckpt", "--grow-at-tokens", "256"], "outside the run's 4 iterations"),
+    (["--save", "ckpt", "--growth-factor", "1"], "growth factor must be an integer of at least 2"),
+])
+def test_impossible_growth_is_refused_before_training(monkeypatch, data_prefix, extra, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = parse_args(_flags(data_prefix, 2, ["--train-iters", "4", "--grow-at-tokens", "64", *extra]))
+    with pytest.raises(UserError, match=message):
+        phase_configs(config.model, config.train)
