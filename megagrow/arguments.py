@@ -38,6 +38,17 @@ class RunConfig:
     tokenizer_type: str = "SentencePieceTokenizer"
 
 
+def _token_count(text: str) -> int:
+    """A whole number of tokens, also written like 10e9 or 2.5e11."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of tokens") from None
+    if value <= 0 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number of tokens")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The pretrain_gpt.py argument parser (every default None, so set flags can be told apart)."""
     p = argparse.ArgumentParser(description="Pre-train a Llama model (Megatron-style flags)", argument_default=None)
@@ -78,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overrides zero_optimization.stage of the json")
     g = p.add_argument_group("training")
     for flag, kind in (("--micro-batch-size", int), ("--global-batch-size", int), ("--train-iters", int),
-                       ("--train-tokens", int), ("--lr", float), ("--min-lr", float), ("--lr-warmup-iters", int),
+                       ("--train-tokens", _token_count), ("--lr", float), ("--min-lr", float), ("--lr-warmup-iters", int),
                        ("--lr-decay-iters", int), ("--weight-decay", float), ("--clip-grad", float),
                        ("--adam-beta1", float), ("--adam-beta2", float), ("--adam-eps", float), ("--seed", int),
                        ("--max-consecutive-skipped-steps", int), ("--peak-tflops", float),
@@ -97,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int)
     g.add_argument("--mock-data", action="store_true", help="random tokens (smoke tests, benchmarks)")
     g = p.add_argument_group("model growth (G_stack during the run)")
-    g.add_argument("--grow-at-tokens", type=int, help="save at this many tokens, grow in depth, continue")
+    g.add_argument("--grow-at-tokens", type=_token_count, help="save at this many tokens, grow in depth, continue")
     g.add_argument("--growth-factor", type=int, help="layers x this factor (default 4)")
     g.add_argument("--growth-operator", help="depth operator of megagrow/growth (default depth:stack)")
     g.add_argument("--stack-optimizer-state", action="store_true", help="stack the Adam moments too (else fresh)")
