@@ -238,7 +238,7 @@ def save_sharded(root: str | os.PathLike, iteration: int, config: ModelConfig, r
         for pp_rank, layers in enumerate(stages):
             for tp_rank in range(tp):
                 model = stage_shard(config, read_group, layers, tp=tp, tp_rank=tp_rank, first=pp_rank == 0,
-                                     last=pp_rank == pp - 1)
+                                    last=pp_rank == pp - 1)
                 yield tp_rank, pp_rank, shard_record(config, model, tp, pp)
                 bar.update()
 
