@@ -145,3 +145,23 @@ def test_zero_offload_through_the_json(native, data_prefix, tmp_path):
     flags = _flags(data_prefix, extra=["--deepspeed", "--deepspeed_config", str(config)])
     losses = run_distributed(_train, 2, flags, 2, str(tmp_path), timeout_s=600)[0]
     assert losses == pytest.approx(native, rel=1e-4)
+
+
+def test_zero3_partitions_unflatten_to_the_full_tensors():
+    import torch
+
+    from megagrow.checkpoint.deepspeed_reader import unflatten_zero3_partitions
+
+    full = {"a": torch.arange(10.0).view(2, 5), "b": torch.arange(3.0) + 100}
+    dp = 4
+    shapes = [{name: t.shape for name, t in full.items()}]
+    partitions = [[] for _ in range(dp)]
+    for rank in range(dp):  # rank r holds piece r of every parameter (ceil(numel / dp) elements, padded)
+        pieces = []
+        for t in full.values():
+            piece = -(-t.numel() // dp)
+            padded = torch.cat([t.flatten(), torch.zeros(piece * dp - t.numel())])
+            pieces.append(padded[rank * piece : (rank + 1) * piece])
+        partitions[rank].append(torch.cat(pieces))
+    rebuilt = unflatten_zero3_partitions(partitions, shapes)
+    assert all(torch.equal(rebuilt[name], full[name]) for name in full)

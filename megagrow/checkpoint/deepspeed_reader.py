@@ -9,10 +9,14 @@ mp = pp_rank * tp + tp_rank (megagrow.parallel.state.mp_rank):
                cut into dp pieces of ceil(numel / dp) elements, and rank D's flat group is the
                concatenation of its piece of each parameter, in "param_shapes" order
 
-ZeRO-3 weights are therefore rebuilt from the fp32 master partitions (exact), the others
-from the module weights (in the training dtype). The run's megagrow config travels in the
+megagrow's DeepSpeed backend also gathers ZeRO-3 weights at save time into a plain state
+dict per model-parallel rank (megagrow_model_mp_rank_MM.pt), which is read when present;
+otherwise ZeRO-3 weights are rebuilt from the fp32 master partitions. ZeRO 0-2 weights
+come from the module weights (in the training dtype). The run's megagrow config travels in the
 client state ("config"). Optimizer files hold a DeepSpeed enum and loss-scaler objects, so
-they are loaded with weights_only and those plain classes allowed; anything else is refused.
+they are loaded with weights_only and those plain classes allowed; anything else is refused
+(some Python versions pickle the enum through getattr, which is refused too: such
+checkpoints need the gathered file).
 """
 
 from __future__ import annotations
@@ -85,11 +89,34 @@ def read_deepspeed_checkpoint(root: str | os.PathLike, tag: str | None = None) -
     return config, _merge(shards, config, tp, pp), iteration
 
 
+def gathered_weights_file(mp_rank: int) -> str:
+    """Name of the plain state dict the DeepSpeed backend writes beside a ZeRO-3 checkpoint."""
+    return f"megagrow_model_mp_rank_{mp_rank:02d}.pt"
+
+
+def unflatten_zero3_partitions(partitions: list[list[torch.Tensor]], param_shapes: list[dict]) -> dict[str, torch.Tensor]:
+    """Full fp32 tensors from every dp rank's flat groups (partitions[rank][group]) and the groups' shapes."""
+    dp = len(partitions)
+    weights = {}
+    for group, shapes in enumerate(param_shapes):
+        offset = 0
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            piece = math.ceil(numel / dp)
+            full = torch.cat([partitions[rank][group][offset : offset + piece] for rank in range(dp)])
+            weights[name] = full[:numel].view(tuple(shape))
+            offset += piece
+    return weights
+
+
 def _mp_rank_weights(directory: Path, mp: int, by_dp: dict[int, Path]) -> dict[str, torch.Tensor]:
     states = _load(by_dp[min(by_dp)])
     module = states["module"]
     if not any(t.numel() == 0 for t in module.values()):
         return dict(module)  # ZeRO 0-2: the module weights are whole
+    gathered = directory / gathered_weights_file(mp)
+    if gathered.is_file():  # written by megagrow's DeepSpeed backend: plain tensors
+        return _load(gathered)
     dp = int(states["dp_world_size"])
     partitions = []
     for rank in range(dp):
@@ -97,16 +124,8 @@ def _mp_rank_weights(directory: Path, mp: int, by_dp: dict[int, Path]) -> dict[s
         if not path.is_file():
             raise UserError(f"{path}: missing; ZeRO-3 weights need every data-parallel rank's optimizer file")
         partitions.append(_load(path)["optimizer_state_dict"]["fp32_flat_groups"])
-    weights = {}
-    for group, shapes in enumerate(states["param_shapes"]):
-        offset = 0
-        for name, shape in shapes.items():
-            numel = math.prod(shape)
-            piece = math.ceil(numel / dp)
-            full = torch.cat([partitions[rank][group][offset : offset + piece] for rank in range(dp)])
-            weights[name] = full[:numel].view(shape).to(module[name].dtype)
-            offset += piece
-    return weights
+    weights = unflatten_zero3_partitions(partitions, states["param_shapes"])
+    return {name: tensor.to(module[name].dtype) for name, tensor in weights.items()}
 
 
 def _merge(shards: dict[int, dict[str, torch.Tensor]], config: ModelConfig, tp: int, pp: int) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ logits are never gathered, which is what lets the last pipeline stage compute th
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import torch.distributed as dist
 
 from megagrow.parallel import state
@@ -61,4 +62,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
                                  vocab_size: int | None = None) -> torch.Tensor:
     """Per-token loss from vocab-sharded logits [s, b, v/t] and targets [s, b]; columns >= vocab_size are padding."""
+    if state.tp_size() == 1:
+        # Nothing to reduce across ranks: torch's fused log-softmax kernel is faster than
+        # the explicit max / exp / sum the sharded version needs (benchmarks/RESULTS.md).
+        real = logits if vocab_size is None else logits[..., :vocab_size]
+        return F.cross_entropy(real.float().flatten(0, -2), target.flatten(), reduction="none").view_as(target)
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_size)

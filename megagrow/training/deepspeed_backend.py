@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from pathlib import Path
 
 import torch
 
@@ -200,6 +202,29 @@ class DeepSpeedOptimization:
     def save(self, root: str, tag: str, client_state: dict) -> None:
         """Collectively save through the engine (DeepSpeed's layout under root/tag)."""
         self.engine.save_checkpoint(root, tag=tag, client_state=client_state)
+        if self.zero_stage == 3:
+            self._save_gathered_weights(Path(root) / tag)
+
+    def _save_gathered_weights(self, directory: Path) -> None:
+        # ZeRO-3 files hold each parameter cut over dp ranks inside pickled optimizer
+        # state; a plain state dict beside them lets the converter (and anyone) read the
+        # weights with weights_only and no DeepSpeed. Gathered one parameter at a time.
+        import deepspeed
+
+        from megagrow.checkpoint.deepspeed_reader import gathered_weights_file
+
+        weights = {}
+        for name, param in self.model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if state.dp_rank() == 0:
+                    weights[name] = param.detach().to("cpu", copy=True)
+        if state.dp_rank() == 0:
+            target = directory / gathered_weights_file(state.mp_rank())
+            tmp = target.with_name(target.name + ".tmp")
+            torch.save(weights, tmp)
+            os.replace(tmp, target)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
 
     def load(self, root: str, load_optimizer: bool) -> dict | None:
         """Load the latest DeepSpeed checkpoint under root; returns the client state (None if there is none)."""
