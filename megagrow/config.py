@@ -248,6 +248,11 @@ class TrainConfig:
     growth_factor: int = 4
     growth_operator: str = "depth:stack"
     stack_optimizer_state: bool = False  # carry Adam moments through the growth, stacked like the weights
+    # Speed options that leave the result unchanged (megagrow/model: recompute.py, chunked_loss.py,
+    # swiglu.py); LlamaModel validates them.
+    recompute_granularity: str | None = None  # "full" or "selective"
+    cross_entropy_chunk_size: int | None = None  # tokens per head + loss chunk; None or 0: all at once
+    compile_mlp: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:

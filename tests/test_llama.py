@@ -153,7 +153,8 @@ def test_fallback_backends_forced_and_logged_once(caplog, monkeypatch):
         assert backends.norm_backend("cuda", force_torch=True) == backends.TORCH_RMSNORM
         model = LlamaModel(CONFIG, force_torch_kernels=True)
         model(_tokens())  # 2 attentions and 5 norms run: no new decision, no new log line
-    messages = [record.getMessage() for record in caplog.records if record.name == "megagrow.model"]
+    messages = [record.getMessage() for record in caplog.records
+                if record.name == "megagrow.model" and " backend: " in record.getMessage()]
     assert len(messages) == 2 and all("forced" in message for message in messages)
     backends.reset_backend_choices()
 
@@ -184,6 +185,19 @@ def _build_with_heads_not_divisible():
         LlamaModel(config)
     finally:
         state.destroy()
+
+
+def test_single_fused_kernels_can_be_disabled(monkeypatch):
+    backends.reset_backend_choices()
+    monkeypatch.setattr(backends, "_importable", lambda module: True)
+    monkeypatch.setenv(backends.DISABLE_FUSED_ENV, "attention")
+    assert backends.attention_backend("cuda", torch.bfloat16) == backends.SDPA
+    assert backends.norm_backend("cuda") == backends.APEX_RMSNORM
+    backends.reset_backend_choices()
+    monkeypatch.setenv(backends.DISABLE_FUSED_ENV, "rmsnorm")
+    assert backends.attention_backend("cuda", torch.bfloat16) == backends.FLASH_ATTENTION
+    assert backends.norm_backend("cuda") == backends.TORCH_RMSNORM
+    backends.reset_backend_choices()
 
 
 def test_heads_not_divisible_by_tp_is_rejected():

@@ -38,3 +38,20 @@ def test_adamw_step_matches_reference_formula():
     # First Adam step: the bias-corrected update is g / (|g| + eps) = 1; decay is lr * wd * p.
     expected = start * (1 - 0.1 * 0.5) - 0.1 * 1.0
     torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_backends_chosen_on_cuda(monkeypatch):
+    # Only .is_cuda is read, so stand-ins let the CUDA rule be checked on a CPU machine.
+    import sys
+    import types
+
+    cuda_params = [types.SimpleNamespace(is_cuda=True)]
+    monkeypatch.setitem(sys.modules, "apex", types.ModuleType("apex"))
+    monkeypatch.setitem(sys.modules, "apex.optimizers", types.ModuleType("apex.optimizers"))
+    assert select_adamw_backend(cuda_params) == "apex"
+    assert select_adamw_backend(cuda_params, prefer_fused=False) == "torch"
+    monkeypatch.setenv("MEGAGROW_DISABLE_FUSED", "rmsnorm, adamw")
+    assert select_adamw_backend(cuda_params) == "torch"
+    monkeypatch.delenv("MEGAGROW_DISABLE_FUSED")
+    monkeypatch.setitem(sys.modules, "apex.optimizers", None)  # None in sys.modules: the import fails
+    assert select_adamw_backend(cuda_params) == "torch-fused"

@@ -21,6 +21,7 @@ from torch import nn
 
 from megagrow.config import ModelConfig
 from megagrow.model.backends import FLASH_ATTENTION, attention_backend
+from megagrow.model.recompute import recompute
 from megagrow.model.rope import apply_rotary
 from megagrow.parallel import state
 from megagrow.parallel.layers import ColumnParallelLinear, InitMethod, RowParallelLinear
@@ -62,6 +63,8 @@ class SelfAttention(nn.Module):
                                        sequence_parallel=sequence_parallel, init_method=output_init,
                                        params_dtype=config.torch_dtype, device=device)
         self.force_torch_kernels = force_torch_kernels
+        # Set by LlamaModel for --recompute-granularity selective.
+        self.recompute_core_attention = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """[s, b, h] (or [s/t, b, h] with sequence parallel) -> the same shape."""
@@ -75,5 +78,8 @@ class SelfAttention(nn.Module):
         # Decided on the first call (then cached): the device and dtype that count are the
         # ones the model runs with, after any .cuda() or under autocast.
         backend = attention_backend(q.device, q.dtype, self.force_torch_kernels)
-        context = core_attention(q, k, v, backend)  # [s, b, n_q/t, d]
+        if self.recompute_core_attention:
+            context = recompute(core_attention, q, k, v, backend)  # [s, b, n_q/t, d]
+        else:
+            context = core_attention(q, k, v, backend)
         return self.dense(context.reshape(s, b, self.local_query_heads * d))

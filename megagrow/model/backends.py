@@ -7,7 +7,8 @@ decision is made once per (kernel, device type, dtype, forced), leaving out what
 change it, and logged once on the "megagrow.model" logger. Force the torch path with
 `force_torch=True` (LlamaModel's `force_torch_kernels`) or the environment variable
 MEGAGROW_FORCE_TORCH_KERNELS=1, to debug a numerical difference or to test the fallback on
-a GPU machine.
+a GPU machine. MEGAGROW_DISABLE_FUSED=attention,rmsnorm,adamw (any subset) turns off single
+fused kernels, so a benchmark can show what each one contributes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 logger = logging.getLogger("megagrow.model")
 
 FORCE_TORCH_KERNELS_ENV = "MEGAGROW_FORCE_TORCH_KERNELS"
+DISABLE_FUSED_ENV = "MEGAGROW_DISABLE_FUSED"
 
 FLASH_ATTENTION = "flash-attn"
 SDPA = "torch-sdpa"
@@ -47,6 +49,11 @@ def _forced(force_torch: bool | None) -> bool:
     return os.environ.get(FORCE_TORCH_KERNELS_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+def fused_disabled(kind: str) -> bool:
+    """True when MEGAGROW_DISABLE_FUSED (comma-separated: attention, rmsnorm, adamw) names `kind`."""
+    return kind in {name.strip().lower() for name in os.environ.get(DISABLE_FUSED_ENV, "").split(",")}
+
+
 @functools.lru_cache(maxsize=None)
 def _choose(kind: str, device_type: str, dtype: torch.dtype | None, forced: bool) -> str:
     if kind == "attention":
@@ -54,7 +61,7 @@ def _choose(kind: str, device_type: str, dtype: torch.dtype | None, forced: bool
     else:
         fused, fallback, module = APEX_RMSNORM, TORCH_RMSNORM, "apex.normalization"
     if forced:
-        choice, reason = fallback, f"forced by argument or {FORCE_TORCH_KERNELS_ENV}"
+        choice, reason = fallback, f"forced by argument, {FORCE_TORCH_KERNELS_ENV} or {DISABLE_FUSED_ENV}"
     elif device_type != "cuda":
         choice, reason = fallback, f"device is {device_type}, not cuda"
     elif kind == "attention" and dtype not in _HALF_DTYPES:
@@ -70,7 +77,7 @@ def _choose(kind: str, device_type: str, dtype: torch.dtype | None, forced: bool
 def _decide(kind: str, device: torch.device | str | None, dtype: torch.dtype | None, force_torch: bool | None) -> str:
     # Inputs that cannot change the outcome are dropped, so a forced or CPU choice is made
     # (and logged) once however many devices and dtypes ask.
-    forced = _forced(force_torch)
+    forced = _forced(force_torch) or fused_disabled(kind)
     device_type = torch.device(device or "cpu").type
     if forced:
         device_type, dtype = "any", None
@@ -90,6 +97,13 @@ def norm_backend(device: torch.device | str | None, force_torch: bool | None = N
     return _decide("rmsnorm", device, None, force_torch)
 
 
+@functools.lru_cache(maxsize=None)
+def log_choice(kind: str, choice: str, reason: str) -> None:
+    """Log a speed option's setting on the "megagrow.model" logger, once per distinct (kind, choice, reason)."""
+    logger.info("%s: %s (%s)", kind, choice, reason)
+
+
 def reset_backend_choices() -> None:
     """Forget the cached choices so the next model decides (and logs) again; for tests."""
     _choose.cache_clear()
+    log_choice.cache_clear()

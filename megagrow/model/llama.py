@@ -26,7 +26,10 @@ from torch import nn
 
 from megagrow.config import ModelConfig, ParallelConfig, padded_vocab_size, validate_parallel
 from megagrow.errors import UserError
+from megagrow.model import recompute
 from megagrow.model.attention import SelfAttention
+from megagrow.model.backends import log_choice
+from megagrow.model.chunked_loss import chunked_head_loss, validate_chunk_size
 from megagrow.model.mlp import SwiGLUMLP
 from megagrow.model.norm import RMSNorm
 from megagrow.model.rope import RotaryEmbedding
@@ -87,13 +90,22 @@ class LlamaModel(nn.Module):
     `parallel` defaults to the sizes of megagrow.parallel.state (sequence parallelism off);
     `pre_process`, `post_process` and `layer_range` default to this rank's pipeline stage
     holding an equal share of the layers.
+
+    Speed options, none of which changes the result: `recompute_granularity` ('full' or
+    'selective', megagrow.model.recompute), `cross_entropy_chunk_size` (tokens per chunk of
+    the head and loss, megagrow.model.chunked_loss; None or 0 = all at once), `compile_mlp`
+    (torch.compile the SwiGLU gate, megagrow.model.swiglu).
     """
 
     def __init__(self, config: ModelConfig, parallel: ParallelConfig | None = None, *,
                  pre_process: bool | None = None, post_process: bool | None = None,
                  layer_range: tuple[int, int] | None = None, seed: int = 1234,
-                 device: torch.device | str | None = None, force_torch_kernels: bool | None = None):
+                 device: torch.device | str | None = None, force_torch_kernels: bool | None = None,
+                 recompute_granularity: str | None = None, cross_entropy_chunk_size: int | None = None,
+                 compile_mlp: bool = False):
         super().__init__()
+        recompute.validate_granularity(recompute_granularity)
+        validate_chunk_size(cross_entropy_chunk_size)
         parallel = parallel or ParallelConfig(tp=state.tp_size(), pp=state.pp_size(), dp=state.dp_size())
         if parallel.tp != state.tp_size():
             raise UserError(f"parallel config asks for tp={parallel.tp} but the process groups were initialized "
@@ -140,6 +152,15 @@ class LlamaModel(nn.Module):
             self.output_layer = ColumnParallelLinear(config.hidden_size, self.padded_vocab_size,
                                                      sequence_parallel=self.sequence_parallel, init_method=head_init,
                                                      params_dtype=dtype, device=device, skip_weight=shares_embedding)
+        self.recompute_layers = recompute_granularity == recompute.FULL
+        for layer in self.layers.values():
+            layer.attention.recompute_core_attention = recompute_granularity == recompute.SELECTIVE
+            layer.mlp.compile_gate = compile_mlp
+        self.cross_entropy_chunk_size = chunk = cross_entropy_chunk_size or None
+        log_choice("activation recompute", recompute_granularity or "off",
+                   f"--recompute-granularity {recompute_granularity}" if recompute_granularity else "not requested")
+        log_choice("cross entropy", f"in chunks of {chunk} tokens" if chunk else "all tokens at once",
+                   f"--cross-entropy-chunk-size {chunk}" if chunk else "not requested")
         if config.tie_embeddings:
             for module in (self.embedding, self.output_layer):
                 if module is not None and module.weight is not None:
@@ -171,10 +192,14 @@ class LlamaModel(nn.Module):
             seq_length = x.size(0) * (state.tp_size() if self.sequence_parallel else 1)
         cos, sin = self.rotary(seq_length, position_ids, device=x.device)
         for layer in self.layers.values():
-            x = layer(x, cos, sin)
+            x = recompute.recompute(layer, x, cos, sin) if self.recompute_layers else layer(x, cos, sin)
         if not self.post_process:
             return x
 
+        if labels is not None and self.cross_entropy_chunk_size:
+            loss = chunked_head_loss(self.final_norm(x), labels.t(), self._output_weight(), self.output_layer.bias,
+                                     self.config.vocab_size, self.cross_entropy_chunk_size, self.sequence_parallel)
+            return loss.t()
         logits = self.output_layer(self.final_norm(x), weight=self._output_weight())  # [s, b, padded_vocab/t]
         if labels is not None:
             loss = vocab_parallel_cross_entropy(logits, labels.t(), self.config.vocab_size)

@@ -14,10 +14,10 @@ gate and up channels it owns without communication. The down projection is row-p
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megagrow.config import ModelConfig
+from megagrow.model.swiglu import swiglu_implementation
 from megagrow.parallel.layers import ColumnParallelLinear, InitMethod, RowParallelLinear
 
 
@@ -34,8 +34,10 @@ class SwiGLUMLP(nn.Module):
         self.down = RowParallelLinear(ffn, config.hidden_size, input_is_parallel=True,
                                       sequence_parallel=sequence_parallel, init_method=down_init,
                                       params_dtype=config.torch_dtype, device=device)
+        # Set by LlamaModel for --compile-mlp.
+        self.compile_gate = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[s, b, h] (or [s/t, b, h] with sequence parallel) -> the same shape."""
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # each [s, b, ffn/t]
-        return self.down(F.silu(gate) * up)
+        gate = swiglu_implementation(self.compile_gate)
+        return self.down(gate(self.gate_up(x)))  # gate_up [s, b, 2 ffn/t] -> [s, b, ffn/t] -> down

@@ -2,6 +2,7 @@
 
 Backends, in order of preference: apex FusedAdam (CUDA, apex importable), torch's fused
 AdamW (CUDA), torch's foreach AdamW (CPU and everything else). The choice is logged once.
+MEGAGROW_DISABLE_FUSED=adamw (megagrow.model.backends) keeps the foreach one on CUDA too.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import logging
 from dataclasses import dataclass
 
 import torch
+
+from megagrow.model.backends import fused_disabled
 
 logger = logging.getLogger("megagrow.training")
 _logged_backends: set[str] = set()
@@ -52,7 +55,7 @@ def weight_decay_groups(params, weight_decay: float, decays: dict[int, bool] | N
 def select_adamw_backend(params, prefer_fused: bool = True) -> str:
     """Name of the AdamW implementation to use for these parameters: 'apex', 'torch-fused' or 'torch'."""
     on_cuda = all(p.is_cuda for p in params) and len(params) > 0
-    if prefer_fused and on_cuda:
+    if prefer_fused and on_cuda and not fused_disabled("adamw"):
         try:
             import apex.optimizers  # noqa: F401
 

@@ -84,7 +84,9 @@ class Trainer:
         ranges = partition_layers(model_config.num_layers, parallel.pp, train.pipeline_layer_split)
         stage_layers = ranges[state.pp_rank()]
         self.model = LlamaModel(self.model_config, parallel, layer_range=(stage_layers.start, stage_layers.stop),
-                                seed=train.seed, device=self.device)
+                                seed=train.seed, device=self.device,
+                                recompute_granularity=train.recompute_granularity,
+                                cross_entropy_chunk_size=train.cross_entropy_chunk_size, compile_mlp=train.compile_mlp)
         loaded_shard = checkpoint_state.load_weights(self) if train.load else None
         self.optimization = build_optimization(self.model, train, parallel, self.train_iters,
                                                self.model_config.tie_embeddings)
