@@ -1,5 +1,6 @@
 """Errors a user can cause, and the one-line report the command-line tools give for them."""
 
+import argparse
 import functools
 import sys
 
@@ -23,3 +24,11 @@ def exit_on_user_error(main):
             sys.exit(130)
 
     return wrapper
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes: a whole number >= 1, refused by argparse with one line otherwise."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value

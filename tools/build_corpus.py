@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from megagrow.errors import UserError, exit_on_user_error
+from megagrow.errors import UserError, exit_on_user_error, positive_int
 
 STDLIB_SOURCE_TAG = "python-stdlib"
 # Third-party code installed into the interpreter is not part of the standard library.
@@ -286,13 +286,6 @@ def build_corpus(
     return [write_domain(d, output_dir, max_docs, max_bytes, max_doc_bytes) for d in available]
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags."""
     parser = argparse.ArgumentParser(
@@ -300,17 +293,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--output-dir", required=True, type=Path, help="directory for {domain}.jsonl")
     parser.add_argument(
-        "--max-docs-per-domain", type=_positive_int, default=None, help="cap on documents per domain (default: all)"
+        "--max-docs-per-domain", type=positive_int, default=None, help="cap on documents per domain (default: all)"
     )
     parser.add_argument(
         "--max-bytes-per-domain",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="cap on UTF-8 text bytes per domain (default: all)",
     )
     parser.add_argument(
         "--max-doc-bytes",
-        type=_positive_int,
+        type=positive_int,
         default=1 << 18,
         help="skip larger documents: the stdlib's largest files are generated tables (pydoc_data/topics.py) "
         "and giant test modules (default: 256 KiB)",

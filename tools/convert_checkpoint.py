@@ -20,7 +20,7 @@ from pathlib import Path
 
 from megagrow.checkpoint.hf_llama import DEFAULT_MAX_SHARD_BYTES, HFCheckpointReader, save_hf
 from megagrow.checkpoint.reshard import CheckpointReader, save_sharded
-from megagrow.errors import UserError, exit_on_user_error
+from megagrow.errors import UserError, exit_on_user_error, positive_int
 from megagrow.training.checkpointing import read_tracker
 
 HF_IMPORT_ITERATION = 0
@@ -68,13 +68,6 @@ def run_reshard(args: argparse.Namespace) -> Path:
     return path
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags of the three subcommands."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -90,15 +83,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for command in (to_hf, reshard):
         command.add_argument("--iteration", type=int, help="iteration to convert (default: the latest)")
     for command in (from_hf, reshard):
-        command.add_argument("--target-tensor-parallel-size", type=_positive, default=1, metavar="T",
+        command.add_argument("--target-tensor-parallel-size", type=positive_int, default=1, metavar="T",
                              help="tensor-parallel size of the written checkpoint (default 1)")
-        command.add_argument("--target-pipeline-parallel-size", type=_positive, default=1, metavar="P",
+        command.add_argument("--target-pipeline-parallel-size", type=positive_int, default=1, metavar="P",
                              help="pipeline-parallel size of the written checkpoint (default 1)")
-        command.add_argument("--pipeline-layer-split", type=_positive, nargs="+", metavar="N",
+        command.add_argument("--pipeline-layer-split", type=positive_int, nargs="+", metavar="N",
                              help="layers per target stage, e.g. 5 6 6 5 (default: even)")
-    from_hf.add_argument("--seq-length", type=_positive,
+    from_hf.add_argument("--seq-length", type=positive_int,
                          help="training sequence length (default: the model's max_position_embeddings)")
-    from_hf.add_argument("--make-vocab-size-divisible-by", type=_positive, default=128, metavar="N",
+    from_hf.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=128, metavar="N",
                          help="vocabulary padding multiple (per tp rank), as pretrain_gpt.py's flag (default 128)")
     to_hf.add_argument("--max-shard-size", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1024**3, metavar="GB",
                        help="largest safetensors file (default 5)")

@@ -18,18 +18,11 @@ import argparse
 from pathlib import Path
 
 from megagrow.checkpoint.reshard import CheckpointReader
-from megagrow.errors import exit_on_user_error
+from megagrow.errors import exit_on_user_error, positive_int
 from megagrow.growth.depth import LAYOUTS
 from megagrow.growth.operators import DEPTH, OPERATORS, GrowthSpec
 from megagrow.growth.run_state import RunStateOptions
 from megagrow.growth.stacking import stack_checkpoint
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,11 +39,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="depth growth operator (default depth:stack, the paper's G_stack)")
     parser.add_argument("--layout", choices=LAYOUTS, help="where depth:zero / depth:random put the new layers")
     parser.add_argument("--seed", type=int, default=1234, help="seed of new layers (depth:zero, depth:random)")
-    parser.add_argument("--target-tensor-parallel-size", type=_positive, metavar="T",
+    parser.add_argument("--target-tensor-parallel-size", type=positive_int, metavar="T",
                         help="default: the base checkpoint's")
-    parser.add_argument("--target-pipeline-parallel-size", type=_positive, metavar="P",
+    parser.add_argument("--target-pipeline-parallel-size", type=positive_int, metavar="P",
                         help="default: the base checkpoint's")
-    parser.add_argument("--pipeline-layer-split", type=_positive, nargs="+", metavar="N",
+    parser.add_argument("--pipeline-layer-split", type=positive_int, nargs="+", metavar="N",
                         help="grown layers per target stage, e.g. 5 6 6 5 (default: even)")
     parser.add_argument("--carry-run-state", action="store_true",
                         help="keep the base run's progress, LR schedule and RNG, with a fresh optimizer")
