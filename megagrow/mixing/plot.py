@@ -24,6 +24,7 @@ def plot_fits(
 
     matplotlib.use("Agg")  # files only: no display on cluster nodes or CI
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     columns = min(3, len(fits))
     rows = -(-len(fits) // columns)
@@ -49,6 +50,7 @@ def plot_fits(
         axis.set_title(f"{fit.domain}: A={p.A:.3g} α={p.alpha:.3g} C={p.C:.3g} β={p.beta:.3g}  R²={fit.r_squared:.4f}",
                        fontsize=9)
         axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log range overprint
         axis.set_xlabel("step")
         axis.set_ylabel("validation loss")
         axis.legend(fontsize=7)
