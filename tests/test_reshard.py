@@ -1,6 +1,5 @@
 """Resharding megagrow checkpoints: exact round trips between layouts, same loss when training loads them."""
 
-import os
 
 import pytest
 import torch
@@ -8,7 +7,6 @@ import torch
 from data_factory import random_documents, write_dataset
 from distributed_harness import run_distributed
 from fixtures_text import load_tool, run_tool
-from megagrow.arguments import parse_args
 from megagrow.checkpoint.reshard import (
     CheckpointReader,
     group_keys,
@@ -19,9 +17,8 @@ from megagrow.checkpoint.reshard import (
 from megagrow.checkpoint.tp_layout import full_shape
 from megagrow.config import ModelConfig
 from megagrow.errors import UserError
-from megagrow.parallel import state
 from megagrow.training.checkpointing import checkpoint_layout, iteration_dir, load_shard, read_tracker
-from megagrow.training.trainer import Trainer
+from trainer_runs import trainer_from_flags
 
 convert = load_tool("convert_checkpoint").main
 TRAIN_ITERS = 2
@@ -35,29 +32,16 @@ def _flags(data_prefix, tp, pp, extra=()):
             *extra]
 
 
-def _trainer(flags, world):
-    os.environ["WORLD_SIZE"] = str(world)
-    config = parse_args(flags)
-    state.initialize(tp=config.parallel.tp, pp=config.parallel.pp, dp=config.parallel.dp)
-    return Trainer(config.model, config.parallel, config.train, config.data)
-
-
 def _train_then_evaluate(flags, world):
-    try:
-        trainer = _trainer(flags, world)
+    with trainer_from_flags(flags, world) as trainer:
         trainer.run()
         return trainer.evaluate()
-    finally:
-        state.destroy()
 
 
 def _load_then_evaluate(flags, world):
-    try:
-        trainer = _trainer(flags, world)
+    with trainer_from_flags(flags, world) as trainer:
         assert trainer.progress.iteration == 0  # a converted checkpoint starts a new run
         return trainer.evaluate()
-    finally:
-        state.destroy()
 
 
 @pytest.fixture(scope="module")

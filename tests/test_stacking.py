@@ -1,7 +1,6 @@
 """Growing sharded checkpoints (tools/stack_checkpoint.py): exactly grow() on the full state dict,
 across layouts; the grown checkpoint trains; broken inputs fail with one line."""
 
-import os
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ from data_factory import random_documents, write_dataset
 from distributed_harness import run_distributed
 from fixtures_text import load_tool
 
-from megagrow.arguments import parse_args
 from megagrow.checkpoint.reshard import (
     CheckpointReader,
     group_keys,
@@ -21,14 +19,13 @@ from megagrow.checkpoint.tp_layout import full_shape
 from megagrow.config import ModelConfig
 from megagrow.growth import GrowthSpec, grow
 from megagrow.growth.run_state import adam_param_order
-from megagrow.parallel import state
 from megagrow.training.checkpointing import (
     checkpoint_layout,
     iteration_dir,
     load_shard,
     read_tracker,
 )
-from megagrow.training.trainer import Trainer
+from trainer_runs import trainer_from_flags
 
 stack = load_tool("stack_checkpoint").main
 
@@ -83,16 +80,10 @@ def _flags(data_prefix, tp, pp, iters, layers, extra=()):
 
 
 def _train(flags, world):
-    os.environ["WORLD_SIZE"] = str(world)
-    config = parse_args(flags)
-    state.initialize(tp=config.parallel.tp, pp=config.parallel.pp, dp=config.parallel.dp)
-    try:
-        trainer = Trainer(config.model, config.parallel, config.train, config.data)
+    with trainer_from_flags(flags, world) as trainer:
         start = trainer.progress.iteration
         trainer.run()
         return start, trainer.losses
-    finally:
-        state.destroy()
 
 
 @pytest.fixture(scope="module")
