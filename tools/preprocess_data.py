@@ -230,10 +230,12 @@ class ProgressReport:
         )
         if s.documents >= self.next_log:
             self.next_log = (s.documents // self.log_interval + 1) * self.log_interval
+            # Line and newline in one write: an interrupt between two writes would glue
+            # the next message (the one-line error) onto this one.
             self.bar.write(
                 f"processed {s.documents:,} documents ({s.documents / elapsed:,.0f} docs/s, "
-                f"{s.tokens / elapsed:,.0f} tokens/s, {s.input_bytes / elapsed / 2**20:.2f} MiB/s)",
-                file=sys.stderr,
+                f"{s.tokens / elapsed:,.0f} tokens/s, {s.input_bytes / elapsed / 2**20:.2f} MiB/s)\n",
+                file=sys.stderr, end="",
             )
 
     def close(self) -> None:
