@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints and logging")
     for flag, kind in (("--save", str), ("--load", str), ("--save-interval", int), ("--eval-interval", int),
                        ("--eval-iters", int), ("--log-interval", int), ("--tensorboard-dir", str),
-                       ("--metrics-file", str)):
+                       ("--metrics-file", str), ("--exit-interval", int)):
         g.add_argument(flag, type=kind)
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")

@@ -243,6 +243,9 @@ class TrainConfig:
     max_consecutive_skipped_steps: int = 10
     peak_tflops: float | None = None  # per-device peak for MFU; default from the device table
     exit_on_signal: bool = True  # SIGTERM/SIGINT: save a checkpoint at the end of the iteration, then exit
+    # Megatron's --exit-interval: save and stop at the first iteration divisible by it, so a run can be
+    # cut into legs (e.g. train a base to the growth point) without changing the LR schedule.
+    exit_interval: int | None = None
     # Grow the model in depth once this many tokens are consumed, then continue (megagrow/growth/in_run.py).
     grow_at_tokens: int | None = None
     growth_factor: int = 4
@@ -266,6 +269,8 @@ class TrainConfig:
             raise UserError("give the length of the run with --train-iters or --train-tokens")
         if self.save_interval is not None and self.save is None:
             raise UserError("--save-interval needs --save DIR")
+        if self.exit_interval is not None and self.exit_interval < 1:
+            raise UserError(f"--exit-interval must be positive, got {self.exit_interval}")
         if self.deepspeed and self.use_distributed_optimizer:
             raise UserError("--use-distributed-optimizer with --deepspeed: ZeRO already shards the optimizer; "
                             "drop --use-distributed-optimizer and choose a --zero-stage")

@@ -47,6 +47,19 @@ def test_resume_continues_bit_identically(tmp_path, data_prefix):
     assert [loss for _, loss in first + second] == [loss for _, loss in straight]  # bit-identical
 
 
+def test_exit_interval_cuts_a_run_into_legs_that_continue_bit_identically(tmp_path, data_prefix):
+    straight = run_distributed(_run, 1, _flags(data_prefix, 10, ["--lr-decay-iters", "10"]))[0]
+    ckpt = str(tmp_path / "ckpt")
+    legs = ["--save", ckpt, "--load", ckpt, "--exit-interval", "4"]
+    first = run_distributed(_run, 1, _flags(data_prefix, 10, legs))[0]
+    assert [i for i, _ in first] == [1, 2, 3, 4] and read_tracker(ckpt) == 4  # saved without --save-interval
+    second = run_distributed(_run, 1, _flags(data_prefix, 10, legs))[0]
+    assert [i for i, _ in second] == [5, 6, 7, 8] and read_tracker(ckpt) == 8
+    third = run_distributed(_run, 1, _flags(data_prefix, 10, legs))[0]
+    assert [i for i, _ in third] == [9, 10] and read_tracker(ckpt) == 10
+    assert [loss for _, loss in first + second + third] == [loss for _, loss in straight]
+
+
 def test_load_with_another_model_fails_with_one_line(tmp_path, data_prefix):
     ckpt = str(tmp_path / "ckpt")
     run_distributed(_run, 1, _flags(data_prefix, 2, ["--save", ckpt]))

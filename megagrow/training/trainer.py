@@ -236,7 +236,7 @@ class Trainer:
             progress.consecutive_skipped_steps = 0
 
     def run(self) -> TrainProgress:
-        """Train until --train-iters (or a signal); evaluate, log and save on their intervals."""
+        """Train until --train-iters, --exit-interval or a signal; evaluate, log and save on their intervals."""
         self._install_signal_handlers()
         train = self.train
         window_losses: list[float] = []
@@ -262,6 +262,10 @@ class Trainer:
             if self._stop_agreed():
                 checkpoint_state.save(self) if train.save else None
                 logger.warning("stopped by signal at iteration %d", iteration)
+                break
+            if train.exit_interval and iteration % train.exit_interval == 0 and iteration < self.train_iters:
+                checkpoint_state.save(self) if train.save else None
+                logger.info("exiting at iteration %d (--exit-interval %d)", iteration, train.exit_interval)
                 break
             if save_now:
                 checkpoint_state.save(self)
