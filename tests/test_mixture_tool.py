@@ -64,6 +64,17 @@ def test_entropy_prints_a_data_path_that_parses(domains, capsys):
     assert all(e.tokens == 1500 for e in result.estimates)
 
 
+def test_entropy_mix_file_gives_the_printed_mixture(domains, tmp_path, capsys):
+    prefixes = [domains["code"], domains["prose"]]
+    mix = tmp_path / "mix" / "entropy.txt"
+    mix.parent.mkdir()
+    _, out = run_main(capsys, "entropy", "--data-path", *prefixes, "--max-tokens", 1500, "--mix-file", mix)
+    from_file = parse_data_path([f"@{mix}"])
+    printed = parse_data_path(data_path_line(out))
+    assert [(c.weight, c.prefix) for c in from_file] == [(c.weight, c.prefix) for c in printed]
+    assert mix.read_text().startswith("# mixture.py entropy")
+
+
 def test_entropy_options_change_the_weights(domains, capsys):
     prefixes = [domains["code"], domains["prose"]]
     joint, _ = run_main(capsys, "entropy", "--data-path", *prefixes, "--max-tokens", 1500, "--proxy", "joint")
@@ -107,6 +118,9 @@ def test_fit_recovers_the_law_and_prints_the_optimum(runs, domains, tmp_path, ca
     assert [c.prefix for c in components] == [domains["code"], domains["prose"]]
     assert sum(float(w) for w in items[::2]) == pytest.approx(1.0, abs=1e-12)
     assert "R^2" in out and "weighted sum" in out
+    run_main(capsys, "fit", "--runs", *runs, "--target-step", 20_000, "--mix-file", tmp_path / "fit.txt")
+    from_file = parse_data_path([f"@{tmp_path / 'fit.txt'}"])
+    assert [(c.weight, c.prefix) for c in from_file] == [(c.weight, c.prefix) for c in components]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from megagrow.data.blended_dataset import write_data_path_file
 from megagrow.data.indexed_dataset import IndexedDataset
 from megagrow.errors import UserError, exit_on_user_error
 from megagrow.mixing.bimix import DomainFit, fit_domain, mixture_loss, optimal_mixture
@@ -57,6 +58,13 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
         for row in [header, *rows]
     )
+
+
+def _write_mix_file(path: str | None, weights: Sequence[float], prefixes: Sequence[str], comment: str) -> None:
+    """Also write the mixture as a file for `pretrain_gpt.py --data-path @path`, when --mix-file is given."""
+    if path:
+        write_data_path_file(path, weights, prefixes, comment)
+        print(f"wrote {path} (pass --data-path @{path})", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,6 +116,7 @@ def run_entropy(args: argparse.Namespace) -> EntropyResult:
     print(f"entropies in nats over in-document token pairs; weights = {how} of the {args.proxy} entropy")
     data_path = format_data_path(args.data_path, weights)
     print(data_path)
+    _write_mix_file(args.mix_file, rounded, args.data_path, f"mixture.py entropy: {how} of the {args.proxy} entropy")
     return EntropyResult(list(args.data_path), estimates, weights, data_path)
 
 
@@ -218,8 +227,11 @@ def run_fit(args: argparse.Namespace) -> FitResult:
         except OSError as err:
             raise UserError(f"--plot {args.plot}: cannot write the image ({err.strerror or err}); check the directory") from None
         print(f"wrote {args.plot}", file=sys.stderr)
-    data_path = format_data_path(_prefixes(args, runs, domains), optimum)
+    prefixes = _prefixes(args, runs, domains)
+    data_path = format_data_path(prefixes, optimum)
     print(data_path)
+    _write_mix_file(args.mix_file, round_weights(optimum), prefixes,
+                    f"mixture.py fit: BiMix optimum at step {target_step} from {len(runs)} runs")
     return FitResult(fits, target_step, optimum_by_domain, data_path)
 
 
@@ -239,6 +251,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     entropy.add_argument("--proxy", choices=PROXIES, default="conditional", help="entropy turned into weights")
     entropy.add_argument("--mapping", choices=MAPPINGS, default="normalise", help="H/sum(H) or softmax(H/T)")
     entropy.add_argument("--temperature", type=float, default=1.0, help="T of --mapping softmax, in nats")
+    entropy.add_argument("--mix-file", metavar="TXT", help="also write the mixture here, for --data-path @TXT")
 
     fit = commands.add_parser("fit", help="fit BiMix on runs and solve for the best mixture")
     fit.add_argument("--runs", nargs="+", required=True, metavar="METRICS_JSONL", help="metrics files of runs with different mixtures")
@@ -249,6 +262,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     fit.add_argument("--min-proportion", type=float, default=1e-4, help="lower bound of every proportion")
     fit.add_argument("--prefix", nargs="+", metavar="DOMAIN=PREFIX", help="dataset prefix of each domain, for --data-path")
     fit.add_argument("--plot", metavar="PNG", help="write observed vs fitted curves here")
+    fit.add_argument("--mix-file", metavar="TXT", help="also write the mixture here, for --data-path @TXT")
     args = parser.parse_args(argv)
     if args.command == "entropy" and args.max_tokens < 2:
         parser.error("--max-tokens must be at least 2")

@@ -97,6 +97,17 @@ def _read_data_path_file(path: Path) -> list[tuple[float, str, str]]:
     return pairs
 
 
+def write_data_path_file(path: str | os.PathLike, weights: Sequence[float], prefixes: Sequence[str],
+                         comment: str = "") -> None:
+    """Write a mix file for `--data-path @path`: one `weight prefix` line per dataset, prefixes made absolute."""
+    lines = [f"# {line}" for line in comment.splitlines()]
+    lines += [f"{w:.6f} {os.path.abspath(p)}" for w, p in zip(weights, prefixes)]
+    try:
+        Path(path).write_text("\n".join(lines) + "\n")
+    except OSError as err:
+        raise UserError(f"{path}: cannot write the mix file ({err.strerror or err}); check the directory") from None
+
+
 def _weight(text: str, where: str) -> float:
     try:
         weight = float(text)
