@@ -57,6 +57,7 @@ def test_metrics_file_has_the_logged_fields(tmp_path):
     assert train[-1]["consumed_tokens"] == 4 * 4 * 16
     valid = read_metrics(metrics, "valid")
     assert [r["step"] for r in valid] == [2, 4] and valid[0]["perplexity"] == pytest.approx(math.exp(valid[0]["loss"]))
+    assert [r["consumed_tokens"] for r in valid] == [2 * 4 * 16, 4 * 4 * 16]
 
 
 @pytest.mark.parametrize("precision", ["--bf16", "--fp16"])

@@ -306,7 +306,8 @@ class Trainer:
             return
         loss = result["loss"]
         perplexity = math.exp(min(loss, 50.0))
-        self.metrics.write("valid", self.progress.iteration, {"perplexity": perplexity, **result})
+        tokens = self.progress.consumed_samples * self.model_config.seq_length  # to compare runs of other batch sizes
+        self.metrics.write("valid", self.progress.iteration, {"perplexity": perplexity, "consumed_tokens": tokens, **result})
         domains = "".join(f" | {name} {value:.4f}" for name, value in result.get("domain_losses", {}).items())
         logger.info("validation at iteration %d | loss %.4f | perplexity %.2f%s", self.progress.iteration, loss,
                     perplexity, domains)
