@@ -1,8 +1,8 @@
 """Small real text and a tiny tokenizer trained on it, built once per test session.
 
-Import the fixtures into a test module (`from fixtures_text import small_corpus, ...`).
-Results are cached in this module, so every test module of a session shares one corpus
-and one tokenizer however many modules import the fixtures.
+tests/conftest.py registers this module as a pytest plugin, so any test can ask for
+`small_corpus` or `tiny_tokenizer_model` by name. Results are cached in this module, so
+every test module of a session shares one corpus and one tokenizer.
 """
 
 from __future__ import annotations

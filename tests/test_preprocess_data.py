@@ -12,7 +12,6 @@ import time
 import numpy as np
 import pytest
 from fixtures_text import TOOLS_DIR, call_quietly, load_tool, read_jsonl_texts, run_tool
-from fixtures_text import small_corpus, tiny_tokenizer_model  # noqa: F401 (pytest fixtures, used by name)
 
 from megagrow.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megagrow.data.tokenizer import SentencePieceTokenizer

@@ -7,7 +7,6 @@ import pickle
 import pytest
 from tqdm import tqdm
 from fixtures_text import TINY_VOCAB_SIZE, load_tool, read_jsonl_texts, run_tool
-from fixtures_text import small_corpus, tiny_tokenizer_model  # noqa: F401 (pytest fixtures, used by name)
 
 from megagrow.data.tokenizer import SentencePieceTokenizer, build_tokenizer
 from megagrow.errors import UserError

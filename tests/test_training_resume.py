@@ -12,6 +12,7 @@ from data_factory import random_documents, write_dataset
 from distributed_harness import run_distributed
 from megagrow.errors import UserError
 from megagrow.training.checkpointing import read_tracker
+from megagrow.training.metrics import read_metrics
 from trainer_runs import trainer_from_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,8 @@ def test_resume_continues_bit_identically(tmp_path, data_prefix):
 def test_exit_interval_cuts_a_run_into_legs_that_continue_bit_identically(tmp_path, data_prefix):
     straight = run_distributed(_run, 1, _flags(data_prefix, 10, ["--lr-decay-iters", "10"]))[0]
     ckpt = str(tmp_path / "ckpt")
-    legs = ["--save", ckpt, "--load", ckpt, "--exit-interval", "4"]
+    metrics = tmp_path / "legs.jsonl"
+    legs = ["--save", ckpt, "--load", ckpt, "--exit-interval", "4", "--metrics-file", str(metrics)]
     first = run_distributed(_run, 1, _flags(data_prefix, 10, legs))[0]
     assert [i for i, _ in first] == [1, 2, 3, 4] and read_tracker(ckpt) == 4  # saved without --save-interval
     second = run_distributed(_run, 1, _flags(data_prefix, 10, legs))[0]
@@ -58,6 +60,7 @@ def test_exit_interval_cuts_a_run_into_legs_that_continue_bit_identically(tmp_pa
     third = run_distributed(_run, 1, _flags(data_prefix, 10, legs))[0]
     assert [i for i, _ in third] == [9, 10] and read_tracker(ckpt) == 10
     assert [loss for _, loss in first + second + third] == [loss for _, loss in straight]
+    assert [r["step"] for r in read_metrics(metrics, "train")] == [4, 5, 8, 10]  # every leg logs its last iteration
 
 
 def test_load_with_another_model_fails_with_one_line(tmp_path, data_prefix):

@@ -252,23 +252,28 @@ class Trainer:
                 window_losses.append(loss)
             window_iters += 1
             iteration = self.progress.iteration
-            if iteration % train.log_interval == 0 or iteration == self.train_iters:
+            leg_ends = bool(train.exit_interval) and iteration % train.exit_interval == 0
+            if iteration % train.log_interval == 0 or iteration == self.train_iters or leg_ends:
                 elapsed = time.perf_counter() - window_start
                 self._log_train(window_losses, window_iters, elapsed, lr, result)
                 window_losses, window_start, window_iters = [], time.perf_counter(), 0
             if train.eval_interval and (iteration % train.eval_interval == 0 or iteration == self.train_iters):
+                eval_started = time.perf_counter()
                 self._log_valid(self.evaluate())
+                window_start += time.perf_counter() - eval_started  # tokens/s and MFU count training time only
             save_now = train.save and train.save_interval and iteration % train.save_interval == 0
             if self._stop_agreed():
                 checkpoint_state.save(self) if train.save else None
                 logger.warning("stopped by signal at iteration %d", iteration)
                 break
-            if train.exit_interval and iteration % train.exit_interval == 0 and iteration < self.train_iters:
+            if leg_ends and iteration < self.train_iters:
                 checkpoint_state.save(self) if train.save else None
                 logger.info("exiting at iteration %d (--exit-interval %d)", iteration, train.exit_interval)
                 break
             if save_now:
+                save_started = time.perf_counter()
                 checkpoint_state.save(self)
+                window_start += time.perf_counter() - save_started
         else:
             saved_last = train.save_interval and self.progress.iteration % train.save_interval == 0
             if train.save and not saved_last:

@@ -1,0 +1,80 @@
+"""Summary of the CPU quickstart: base -> grown (G_stack) beside a scratch run, as a table and a loss plot."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from megagrow.errors import UserError, exit_on_user_error
+from megagrow.training.loss_curves import plot_validation_curves, tokens_to_reach, validation_curve
+from megagrow.training.metrics import read_metrics
+
+
+def _leg(label: str, metrics: Path, start_tokens: int) -> tuple[list[str], int]:
+    """One table row (tokens trained in this leg, last losses) and the tokens consumed at its end."""
+    if not metrics.is_file():
+        raise UserError(f"{metrics}: no metrics file; did the {label} run finish?")
+    train = read_metrics(metrics, "train")
+    valid = read_metrics(metrics, "valid")
+    if not train:
+        raise UserError(f"{metrics}: no training records; did the {label} run log any iteration?")
+    end_tokens = train[-1]["consumed_tokens"]
+    last_valid = f"{valid[-1]['loss']:.4f}" if valid else "-"
+    row = [label, f"{start_tokens:,} -> {end_tokens:,}", f"{train[-1]['step']}", f"{train[-1]['loss']:.4f}", last_valid]
+    return row, end_tokens
+
+
+def summary(base: Path, grown: Path, scratch: Path | None, labels: dict[str, str]) -> str:
+    """Markdown table of the legs, and how many tokens base -> grown needed to reach scratch's final loss."""
+    base_row, grown_at = _leg(labels["base"], base, 0)
+    rows = [base_row, _leg(labels["grown"], grown, grown_at)[0]]
+    if scratch is not None:
+        rows.append(_leg(labels["scratch"], scratch, 0)[0])
+    lines = ["| run | tokens | last iteration | last train loss | last validation loss |", "|---|--:|--:|--:|--:|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if scratch is not None:
+        scratch_curve = validation_curve(scratch)
+        grown_curve = validation_curve([base, grown])
+        if scratch_curve and grown_curve:
+            total, target = scratch_curve[-1]
+            reached = tokens_to_reach(grown_curve, target)
+            lines.append("")
+            lines.append(f"base -> grown reaches the scratch run's final validation loss {target:.4f} "
+                         + (f"after {reached:,.0f} of {total:,} tokens ({1 - reached / total:.1%} fewer)"
+                            if reached is not None else f"not within {total:,} tokens")
+                         + " (one seed, a few evaluation batches: read it as a smoke test, not a result)")
+    return "\n".join(lines)
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    """Print the summary table, write it as markdown and write the loss plot."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--base", type=Path, required=True, help="metrics.jsonl of the base run")
+    parser.add_argument("--grown", type=Path, required=True, help="metrics.jsonl of the grown run (continues the base)")
+    parser.add_argument("--scratch", type=Path, help="metrics.jsonl of a scratch run of the grown model's size")
+    parser.add_argument("--base-label", default="base")
+    parser.add_argument("--grown-label", default="grown")
+    parser.add_argument("--scratch-label", default="scratch")
+    parser.add_argument("--plot", type=Path, required=True, help="PNG of validation loss against tokens")
+    parser.add_argument("--summary", type=Path, help="also write the table here (markdown)")
+    args = parser.parse_args(argv)
+    labels = {"base": args.base_label, "grown": args.grown_label, "scratch": args.scratch_label}
+    table = summary(args.base, args.grown, args.scratch, labels)
+    print(table)
+    base_curve = validation_curve(args.base)
+    curves = {f"{args.base_label} -> {args.grown_label}": validation_curve([args.base, args.grown])}
+    if args.scratch is not None:
+        curves[args.scratch_label] = validation_curve(args.scratch)
+    markers = {"growth": base_curve[-1][0]} if base_curve else {}
+    try:
+        plot_validation_curves(curves, args.plot, markers=markers, title="megagrow CPU quickstart")
+        if args.summary:
+            args.summary.write_text(table + "\n")
+    except OSError as err:
+        raise UserError(f"cannot write the report ({err.strerror or err}); check the output directory") from None
+    print(f"plot: {args.plot}" + (f"   table: {args.summary}" if args.summary else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Load an exported HF Llama directory with transformers and continue a prompt, to show the export works.
+
+    python tools/convert_checkpoint.py to-hf --load runs/x/checkpoints --save runs/x/hf
+    python tools/generate_hf.py --hf-dir runs/x/hf --tokenizer-model runs/x/tokenizer.model --prompt "def main("
+
+The model is read by `transformers.AutoModelForCausalLM` exactly as any HF tool would read it;
+the prompt is encoded with the run's SentencePiece model (the exported directory holds weights
+and config only). Decoding is greedy unless --temperature > 0, and seeded, so a run is repeatable.
+Needs the `hf` extra: pip install -e '.[hf]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from megagrow.errors import UserError, exit_on_user_error
+
+
+def _load_model(hf_dir: Path):
+    """The exported model in eval mode, through transformers' own loader."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise UserError("transformers is not installed; install the hf extra: pip install -e '.[hf]'") from None
+    if not (hf_dir / "config.json").is_file():
+        raise UserError(f"{hf_dir}: no config.json; point --hf-dir at the output of convert_checkpoint.py to-hf")
+    model = AutoModelForCausalLM.from_pretrained(hf_dir)
+    return model.eval()
+
+
+def generate(hf_dir: Path, tokenizer_model: Path, prompt: str, max_new_tokens: int, temperature: float,
+             seed: int) -> tuple[str, int]:
+    """The prompt's continuation from the HF model (text, number of new tokens)."""
+    import torch
+
+    from megagrow.data.tokenizer import SentencePieceTokenizer
+
+    tokenizer = SentencePieceTokenizer(tokenizer_model)
+    model = _load_model(hf_dir)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"{tokenizer_model}: {tokenizer.vocab_size} pieces but the model at {hf_dir} has "
+                        f"{model.config.vocab_size}; pass the tokenizer the run was trained with")
+    prompt_ids = tokenizer.encode(prompt)
+    if not prompt_ids:
+        raise UserError("--prompt encodes to no tokens; give some text")
+    if tokenizer.eos_id is not None:
+        # Training streams documents separated by --append-eod's eos, so a new document follows an eos.
+        prompt_ids = [tokenizer.eos_id, *prompt_ids]
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        output = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
+                                pad_token_id=tokenizer.eos_id if tokenizer.eos_id is not None else 0, **sampling)
+    new_ids = output[0, len(prompt_ids):].tolist()
+    # Pieces past the tokenizer's vocabulary are padding rows of the embedding; a tiny model may still pick them.
+    new_ids = [i for i in new_ids if i < tokenizer.vocab_size]
+    return tokenizer.decode(new_ids), len(new_ids)
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    """Print the model's size, the prompt and its continuation."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf-dir", type=Path, required=True, help="directory written by convert_checkpoint.py to-hf")
+    parser.add_argument("--tokenizer-model", type=Path, required=True, help="the run's SentencePiece .model")
+    parser.add_argument("--prompt", default="def ", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args(argv)
+    if not args.tokenizer_model.is_file():
+        raise UserError(f"--tokenizer-model {args.tokenizer_model}: no such file")
+    config = json.loads((args.hf_dir / "config.json").read_text()) if (args.hf_dir / "config.json").is_file() else {}
+    text, count = generate(args.hf_dir, args.tokenizer_model, args.prompt, args.max_new_tokens, args.temperature,
+                           args.seed)
+    print(f"loaded {args.hf_dir} with transformers ({config.get('architectures', ['?'])[0]}, "
+          f"{config.get('num_hidden_layers', '?')} layers, hidden {config.get('hidden_size', '?')})")
+    print(f"prompt: {args.prompt!r}")
+    print(f"continuation ({count} tokens): {text!r}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
