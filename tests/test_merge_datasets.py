@@ -79,6 +79,14 @@ def test_missing_input_is_one_line(tmp_path):
     assert "dataset file not found" in result.stderr
 
 
+def test_unwritable_output_is_one_line(shards, tmp_path):
+    directory, _ = shards
+    (tmp_path / "a_file").write_text("not a directory")
+    result = run_tool("merge_datasets", "--input", directory / "a_shard", "--output-prefix", tmp_path / "a_file" / "merged")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "cannot write" in result.stderr and "--output-prefix" in result.stderr
+
+
 def test_dataset_stats_counts_documents_and_tokens(shards):
     directory, documents = shards
     prefix = str(directory / "b_shard")

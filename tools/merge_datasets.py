@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from megagrow.data.indexed_dataset import (
     IndexedDataset,
-    IndexedDatasetBuilder,
     data_file_path,
     dataset_exists,
     index_file_path,
+    open_builder,
 )
 from megagrow.errors import UserError, exit_on_user_error
 
@@ -49,7 +49,7 @@ def merge(prefixes: list[str], output_prefix: str) -> IndexedDataset:
     output = os.path.abspath(output_prefix)
     if any(os.path.abspath(p) == output for p in prefixes):
         raise UserError(f"--output-prefix {output_prefix} is also an input; choose a new prefix")
-    with IndexedDatasetBuilder(output_prefix, datasets[0].dtype) as builder:
+    with open_builder(output_prefix, datasets[0].dtype) as builder:
         for prefix in tqdm(prefixes, desc="merging", unit=" datasets", file=sys.stderr, disable=None):
             builder.add_index(prefix)
     return IndexedDataset(output_prefix)

@@ -34,10 +34,16 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from megagrow.data.indexed_dataset import IndexedDatasetBuilder, data_file_path, index_file_path, token_dtype_for_vocab
+from megagrow.data.indexed_dataset import (
+    IndexedDatasetBuilder,
+    data_file_path,
+    index_file_path,
+    open_builder,
+    token_dtype_for_vocab,
+)
 from megagrow.data.jsonl import BadLine, BadLineLog, InputFile, document_fields
 from megagrow.data.tokenizer import TOKENIZER_TYPE, SentencePieceTokenizer, build_tokenizer
-from megagrow.errors import UserError, exit_on_user_error
+from megagrow.errors import exit_on_user_error
 
 # A task also ends at this much input, so files of long documents (source files of tens
 # of KB) still split into enough tasks to keep every worker busy to the end.
@@ -258,14 +264,6 @@ def write_chunk(builders: list[IndexedDatasetBuilder], encoded: EncodedChunk) ->
     return tokens, empty
 
 
-def _open_builder(prefix: str, dtype) -> IndexedDatasetBuilder:
-    """A builder for `prefix`, with a one-line error when its directory cannot be written."""
-    try:
-        return IndexedDatasetBuilder(prefix, dtype)
-    except OSError as err:
-        raise UserError(f"cannot write {err.filename or prefix}: {err.strerror}; check --output-prefix") from None
-
-
 def preprocess(args: argparse.Namespace) -> PreprocessSummary:
     """Tokenize args.input into one indexed dataset per json key."""
     start = time.perf_counter()
@@ -278,7 +276,7 @@ def preprocess(args: argparse.Namespace) -> PreprocessSummary:
         input_file = stack.enter_context(InputFile(args.input))
         # Builders are entered before the pool so they exit after it: on any error the
         # workers stop first, then each builder deletes its temporary files.
-        builders = [stack.enter_context(_open_builder(prefix, encoder.dtype)) for prefix in outputs.values()]
+        builders = [stack.enter_context(open_builder(prefix, encoder.dtype)) for prefix in outputs.values()]
         pool = stack.enter_context(start_workers(args.workers, encoder))
         stack.enter_context(sigterm_raises_system_exit())
         progress = ProgressReport(input_file, args.log_interval, summary, start)

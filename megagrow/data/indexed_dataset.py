@@ -290,3 +290,11 @@ class IndexedDatasetBuilder:
             self.finalize()
         else:
             self.abort()
+
+
+def open_builder(prefix: str | os.PathLike, dtype, flag: str = "--output-prefix") -> IndexedDatasetBuilder:
+    """A builder for `prefix`, failing in one line (naming `flag`) when its directory cannot be written."""
+    try:
+        return IndexedDatasetBuilder(prefix, dtype)
+    except OSError as err:
+        raise UserError(f"cannot write {err.filename or prefix}: {err.strerror}; check {flag}") from None
