@@ -7,13 +7,17 @@ A base checkpoint of random weights (default: hidden 1024, 8 layers, vocab 32000
 pp=2) is written by a separate process; then each target layout is grown by the CLI in its
 own process, whose peak RSS (its own getrusage ru_maxrss: anonymous memory plus touched
 pages of the memory-mapped base shards) is compared with the base checkpoint, the grown
-checkpoint and its largest shard. A child that only imports the tool gives the fixed cost.
+checkpoint and its largest shard, and with one grown layer and the embedding (the largest
+groups the streaming writer holds). Children that only import the tool, and that also start
+the FakeTensorMode the writer builds skeletons with (it imports torch._dynamo), give the
+fixed costs.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import shutil
@@ -25,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1024**2
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "1000000"}
 
 _WRITE_BASE = """
 import sys, torch
@@ -52,20 +57,24 @@ def sample():
                 peaks[name] = max(peaks[name], int(value.split()[0]))
         time.sleep(0.01)
 threading.Thread(target=sample, daemon=True).start()
-if sys.argv[1:]:
+if sys.argv[1:] and sys.argv[1] != "--fake-tensor-mode":
     sys.argv = sys.argv[1:]
     runpy.run_path(sys.argv[0], run_name="__main__")
 else:
     import torch, megagrow.growth.stacking
+    if sys.argv[1:]:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        FakeTensorMode()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, peaks["RssAnon"], peaks["RssFile"])
 """
 
 
-def _peak_rss_mb(argv: list[str]) -> tuple[list[float], float]:
-    """([peak RSS, peak anonymous, peak file-backed] in MB, wall seconds) of a child running `argv` ([]: imports)."""
+def _peak_rss_mb(argv: list[str], env: dict[str, str] | None = None) -> tuple[list[float], float]:
+    """([peak RSS, peak anonymous, peak file-backed] in MB, wall seconds) of a child running `argv` ([]: imports;
+    ["--fake-tensor-mode"]: imports and a FakeTensorMode)."""
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", _MEASURE, *argv], check=True, cwd=ROOT, capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            text=True, env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)})
     return [int(kb) / 1024 for kb in result.stdout.split()[-3:]], time.perf_counter() - start
 
 
@@ -75,6 +84,21 @@ def _size_mb(path: Path) -> float:
 
 def _largest_shard_mb(path: Path) -> float:
     return max(f.stat().st_size for f in path.rglob("*.pt")) / MB
+
+
+def _group_mb(layers: int, hidden: int, ffn: int, vocab: int) -> tuple[float, float]:
+    """(one layer, the embedding) of the bench model in MB, fp32."""
+    from megagrow.checkpoint.reshard import group_param_names
+    from megagrow.checkpoint.tp_layout import full_shape
+    from megagrow.config import ModelConfig
+
+    config = ModelConfig(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=16,
+                         vocab_size=vocab, seq_length=256)
+
+    def mb(group) -> float:
+        return sum(4 * math.prod(full_shape(name, config)) for name in group_param_names(group, config)) / MB
+
+    return mb(0), mb("embedding")
 
 
 def main() -> None:
@@ -97,19 +121,26 @@ def main() -> None:
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
         rows = []
         (import_peak, import_anon, _), _ = _peak_rss_mb([])
+        (fake_peak, fake_anon, _), _ = _peak_rss_mb(["--fake-tensor-mode"])
         for target in args.targets:
             tp, pp = target.split("x")
-            grown = work / f"grown_{target}"
-            peak, seconds = _peak_rss_mb([
-                "tools/stack_checkpoint.py", "--load", str(base), "--save", str(grown),
-                "--growth-factor", str(args.factor), "--target-tensor-parallel-size", tp,
-                "--target-pipeline-parallel-size", pp, "--no-progress-bar"])
-            rows.append((f"tp={tp} pp={pp}", *peak, _size_mb(grown), _largest_shard_mb(grown), seconds))
-            shutil.rmtree(grown)
+            # glibc raises its mmap threshold as large blocks are freed, then keeps freed layer-sized
+            # blocks in the heap; a fixed threshold shows the peak without that retention.
+            for env in (None, FIXED_MMAP_THRESHOLD):
+                grown = work / f"grown_{target}"
+                peak, seconds = _peak_rss_mb([
+                    "tools/stack_checkpoint.py", "--load", str(base), "--save", str(grown),
+                    "--growth-factor", str(args.factor), "--target-tensor-parallel-size", tp,
+                    "--target-pipeline-parallel-size", pp, "--no-progress-bar"], env)
+                allocator = "".join(f", {name}={value}" for name, value in (env or {}).items())
+                rows.append((f"tp={tp} pp={pp}{allocator}", *peak, _size_mb(grown), _largest_shard_mb(grown),
+                             seconds))
+                shutil.rmtree(grown)
         base_mb = _size_mb(base)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    layer_mb, embedding_mb = _group_mb(args.layers, args.hidden, args.ffn, args.vocab)
     command = "python benchmarks/bench_stacking.py " + " ".join(sys.argv[1:])
     lines = [
         f"## Stacking memory (tools/stack_checkpoint.py) — {datetime.date.today()}",
@@ -119,7 +150,8 @@ def main() -> None:
          f"{base_mb:.0f} MB on disk. Grown x{args.factor} (depth:stack). Peak RSS of the tool's process "
          f"(ru_maxrss) and the sampled peaks of its anonymous and file-backed (memory-mapped checkpoint pages, "
          f"reclaimable) parts; Python + torch + imports alone: {import_peak:.0f} MB RSS, {import_anon:.0f} MB "
-         f"anonymous."),
+         f"anonymous; with the writer's FakeTensorMode (imports torch._dynamo): {fake_peak:.0f} MB RSS, "
+         f"{fake_anon:.0f} MB anonymous. One grown layer: {layer_mb:.0f} MB; the embedding: {embedding_mb:.0f} MB."),
         "",
         ("| target | peak RSS (MB) | peak anonymous (MB) | peak file-backed (MB) | grown checkpoint (MB) "
          "| largest target shard (MB) | base checkpoint (MB) | wall (s) |"),

@@ -119,6 +119,20 @@ def test_uneven_pipeline_split_round_trips(tmp_path):
     assert not list(tmp_path.glob("ckpt/*.tmp"))
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_resharding_equals_building_each_shard_whole(tmp_path, tied):
+    config = CONFIG.replace(tie_embeddings=tied)
+    full = _tiny_full_state(config)
+    save_sharded(tmp_path / "ckpt", 2, config, reader_from_state_dict(full, config), tp=2, pp=1, progress=False)
+    reader = CheckpointReader(tmp_path / "ckpt")
+    for name, describe in (("whole", None), ("streamed", reader.describe_group)):
+        save_sharded(tmp_path / name, 2, config, reader.read_group, tp=1, pp=3, describe_group=describe,
+                     progress=False)
+    _assert_same_tensors(_shard_models(tmp_path / "streamed"), _shard_models(tmp_path / "whole"))
+    assert all(torch.equal(tensor, full[name]) for name, tensor in CheckpointReader(tmp_path / "streamed").state_dict().items())
+    assert not list(tmp_path.glob("streamed/*.tmp"))
+
+
 def test_broken_checkpoints_and_targets_fail_with_one_line(tmp_path, capsys):
     full = _tiny_full_state(CONFIG)
     save_sharded(tmp_path / "ckpt", 1, CONFIG, reader_from_state_dict(full, CONFIG), tp=2, pp=1, progress=False)

@@ -10,6 +10,10 @@ the model only and `pretrain_gpt.py --load grown_ckpt --num-layers <L x factor>`
 new run from it. With --carry-run-state (implied by --stack-optimizer-state) it also holds
 the base run's progress, LR schedule position and RNG, and training resumes where the base
 stopped; --stack-optimizer-state stacks the Adam moments like the weights.
+
+Memory stays near a few copies of one layer (or of the embedding, if larger), whatever the
+model size: base layers are read memory-mapped one at a time and each target shard file is
+streamed, written layer by layer (benchmarks/RESULTS.md, "Stacking memory").
 """
 
 from __future__ import annotations

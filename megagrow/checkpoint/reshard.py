@@ -7,10 +7,13 @@ Full tensors are grouped so that tools can stream a model instead of holding it 
     "head"        final_norm.weight, and output_layer.weight unless the embeddings are tied
 
 `CheckpointReader.read_group` merges one group from the tp shards of the stage holding it.
-The shard files are memory-mapped, so reading layer by layer keeps resident memory near one
-layer. `save_sharded` takes any such group reader (a checkpoint, an HF directory, a grown
-model) and writes a checkpoint in megagrow's layout that pretrain_gpt.py `--load` accepts as
-the start of a new run (model + config only: no optimizer state, progress or RNG).
+The shard files are memory-mapped, and mapped afresh for each read, so reading layer by layer
+keeps resident memory near one layer. `save_sharded` takes any such group reader (a
+checkpoint, an HF directory, a grown model) and writes a checkpoint in megagrow's layout that
+pretrain_gpt.py `--load` accepts as the start of a new run (model + config only: no
+optimizer state, progress or RNG). Given a `describe_group` (shapes and dtypes as meta
+tensors, e.g. `CheckpointReader.describe_group`) it streams each shard file group by group
+(megagrow/checkpoint/streaming_writer.py); without one it builds each shard whole.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
+from megagrow.checkpoint.streaming_writer import Fill, ShardStream, write_streamed
 from megagrow.checkpoint.tp_layout import (
     LAYER_PARAM_SUFFIXES,
+    full_shape,
     layer_param_name,
     merge_from_tp,
     parse_layer_param,
@@ -35,6 +40,7 @@ from megagrow.errors import UserError
 from megagrow.parallel.pipeline import partition_layers
 from megagrow.training.checkpoint_state import CHECKPOINT_VERSION
 from megagrow.training.checkpointing import (
+    SHARD_FILENAME,
     checkpoint_layout,
     iteration_dir,
     read_tracker,
@@ -151,20 +157,31 @@ class CheckpointReader:
             return self.pp - 1
         return self._stage_of_layer[group]
 
-    def read_group(self, group: Group) -> dict[str, torch.Tensor]:
-        """Full (unsharded, unpadded) tensors of one group."""
+    def _group_shards(self, group: Group, models: list[dict]) -> dict[str, list[torch.Tensor]]:
         stage = self._stage_of(group)
-        tensors = {}
+        shards = {}
         for name in group_param_names(group, self.config):
-            shards = []
-            for t in range(self.tp):
-                model = self._shards[t, stage]["model"]
+            for t, model in enumerate(models):
                 if name not in model:
                     raise UserError(f"{self._where(t, stage)}: tensor {name} is missing; the checkpoint is incomplete "
                                     f"or was saved by another model")
-                shards.append(model[name])
-            tensors[name] = merge_from_tp(name, shards, self.config)
-        return tensors
+            shards[name] = [model[name] for model in models]
+        return shards
+
+    def read_group(self, group: Group) -> dict[str, torch.Tensor]:
+        """Full (unsharded, unpadded) tensors of one group."""
+        stage = self._stage_of(group)
+        # Mapped afresh and dropped after the merge (which copies), so the pages read leave this
+        # process's resident set with the group instead of accumulating to the whole base model.
+        models = [_load_mapped(shard_path(self.root, self.iteration, t, stage, self.pp))["model"]
+                  for t in range(self.tp)]
+        return {name: merge_from_tp(name, shards, self.config) for name, shards in self._group_shards(group, models).items()}
+
+    def describe_group(self, group: Group) -> dict[str, torch.Tensor]:
+        """read_group's result as meta tensors (full shapes, saved dtypes), reading no tensor data."""
+        models = [self._shards[t, self._stage_of(group)]["model"] for t in range(self.tp)]
+        return {name: torch.empty(full_shape(name, self.config), dtype=shards[0].dtype, device="meta")
+                for name, shards in self._group_shards(group, models).items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole full state dict (holds the model in memory; prefer read_group for large models)."""
@@ -183,19 +200,46 @@ def reader_from_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) 
     return read_group
 
 
-def stage_shard(config: ModelConfig, read_group: GroupReader, layers: range, *, tp: int, tp_rank: int,
-                first: bool, last: bool) -> dict[str, torch.Tensor]:
-    """This (tp_rank, stage)'s part of the model read through `read_group`: embedding, layers, head as owned."""
+def _split_group(config: ModelConfig, full: dict[str, torch.Tensor], tp: int, tp_rank: int,
+                 rename: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    shards = {}  # `full` is consumed
+    for name in list(full):
+        # Popped, so each full tensor is freed as soon as split_for_tp has padded or cut it.
+        shards[(rename or {}).get(name, name)] = split_for_tp(name, full.pop(name), config, tp)[tp_rank]
+    return shards
+
+
+def stage_groups(config: ModelConfig, read_group: GroupReader, layers: range, *, tp: int, tp_rank: int,
+                 first: bool, last: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """This (tp_rank, stage)'s part of the model read through `read_group`, one group at a time, in order."""
     groups: list[Group] = ([EMBEDDING_GROUP] if first else []) + list(layers) + ([HEAD_GROUP] if last else [])
-    model = {}
     for group in groups:
-        for name, full in read_group(group).items():
-            model[name] = split_for_tp(name, full, config, tp)[tp_rank]
+        # Nothing of a group stays referenced here once it is yielded, so it is freed when written.
+        yield _split_group(config, dict(read_group(group)), tp, tp_rank)  # a copy: readers may keep theirs
     if config.tie_embeddings and last and not first:
         # The last stage keeps its own copy of the tied embedding as the output head.
-        full = read_group(EMBEDDING_GROUP)["embedding.weight"]
-        model["output_layer.weight"] = split_for_tp("embedding.weight", full, config, tp)[tp_rank]
-    return model
+        yield _split_group(config, {"embedding.weight": read_group(EMBEDDING_GROUP)["embedding.weight"]}, tp, tp_rank,
+                           rename={"embedding.weight": "output_layer.weight"})
+
+
+def stage_shard(config: ModelConfig, read_group: GroupReader, layers: range, *, tp: int, tp_rank: int,
+                first: bool, last: bool) -> dict[str, torch.Tensor]:
+    """This (tp_rank, stage)'s part of the model read through `read_group`, whole: embedding, layers, head as owned."""
+    return {name: tensor for part in stage_groups(config, read_group, layers, tp=tp, tp_rank=tp_rank, first=first,
+                                                  last=last)
+            for name, tensor in part.items()}
+
+
+def as_meta(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors as meta tensors: shapes and dtypes only."""
+    return {name: tensor.to("meta") for name, tensor in tensors.items()}
+
+
+def model_fills(parts: Iterator[dict[str, torch.Tensor]]) -> Iterator[Fill]:
+    """stage_groups' groups as streaming-writer fills of the shard's `model` entry."""
+    for part in parts:
+        yield {("model", name): tensor for name, tensor in part.items()}
+        del part  # keep nothing of a written group while the next one is read
 
 
 def shard_record(config: ModelConfig, model: dict[str, torch.Tensor], tp: int, pp: int) -> dict:
@@ -207,12 +251,15 @@ def shard_record(config: ModelConfig, model: dict[str, torch.Tensor], tp: int, p
     }
 
 
-def write_all_shards(root: Path, iteration: int, shards: Iterator[tuple[int, int, dict]], pp: int) -> Path:
+def write_all_shards(root: Path, iteration: int, shards: Iterator[tuple[int, int, ShardStream]], pp: int) -> Path:
     """Write every (tp_rank, pp_rank, shard) of one iteration from a single process, atomically."""
-    # save_checkpoint is collective: the coordinator creates the temporary directory, every
-    # rank writes its shard after the first barrier, the coordinator renames and updates the
-    # tracker. One process plays every rank: as coordinator it writes nothing itself, and
-    # at the first barrier it writes each shard in turn, so only one shard is in memory.
+    # save_checkpoint is collective: the coordinator creates iter_N.tmp/, every rank writes its
+    # shard there after the first barrier, the coordinator fsyncs, renames it into place and only
+    # then updates the tracker. One process plays every rank: as coordinator it passes no state,
+    # and at the first barrier it streams each shard file into the temporary directory in turn,
+    # so a shard that fails half-written is never renamed into place nor named by the tracker.
+    final_dir = iteration_dir(root, iteration)
+    tmp_dir = final_dir.with_name(final_dir.name + ".tmp")
     at_first_barrier = True
 
     def barrier() -> None:
@@ -220,26 +267,41 @@ def write_all_shards(root: Path, iteration: int, shards: Iterator[tuple[int, int
         if not at_first_barrier:
             return
         at_first_barrier = False
+        if not tmp_dir.is_dir():  # guards the naming convention shared with save_checkpoint
+            raise RuntimeError(f"save_checkpoint did not create {tmp_dir}; update write_all_shards to its layout")
         for tp_rank, pp_rank, shard in shards:
-            save_checkpoint(root, iteration, shard, tp_rank=tp_rank, pp_rank=pp_rank, pp_size=pp,
-                            barrier=lambda: None, is_coordinator=lambda: False)
+            path = tmp_dir / shard_dir_name(tp_rank, pp_rank, pp) / SHARD_FILENAME
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_streamed(path, shard)
+            del shard  # a shard built whole must not stay resident while the next one is built
 
     return save_checkpoint(root, iteration, None, pp_size=pp, barrier=barrier, is_coordinator=lambda: True)
 
 
 def save_sharded(root: str | os.PathLike, iteration: int, config: ModelConfig, read_group: GroupReader, *, tp: int,
-                 pp: int, layers_per_stage: Sequence[int] | None = None, progress: bool = True) -> Path:
-    """Write the model of `read_group` as a (tp, pp) checkpoint iteration under `root`, atomically."""
+                 pp: int, layers_per_stage: Sequence[int] | None = None, progress: bool = True,
+                 describe_group: GroupReader | None = None) -> Path:
+    """Write the model of `read_group` as a (tp, pp) checkpoint iteration under `root`, atomically.
+
+    With `describe_group` (read_group's shapes and dtypes as meta tensors) each shard file is
+    streamed group by group; without it each shard is built whole before it is written.
+    """
     validate_parallel(config, ParallelConfig(tp=tp, pp=pp))
     stages = partition_layers(config.num_layers, pp, layers_per_stage)
     bar = tqdm(total=tp * pp, desc=f"writing tp={tp} pp={pp} shards", unit="shard", disable=not progress)
 
-    def shards() -> Iterator[tuple[int, int, dict]]:
+    def shards() -> Iterator[tuple[int, int, ShardStream]]:
         for pp_rank, layers in enumerate(stages):
             for tp_rank in range(tp):
-                model = stage_shard(config, read_group, layers, tp=tp, tp_rank=tp_rank, first=pp_rank == 0,
-                                    last=pp_rank == pp - 1)
-                yield tp_rank, pp_rank, shard_record(config, model, tp, pp)
+                where = {"tp": tp, "tp_rank": tp_rank, "first": pp_rank == 0, "last": pp_rank == pp - 1}
+                if describe_group is None:
+                    model = stage_shard(config, read_group, layers, **where)
+                    yield tp_rank, pp_rank, ShardStream(shard_record(config, model, tp, pp))
+                else:
+                    model = as_meta(stage_shard(config, describe_group, layers, **where))
+                    yield tp_rank, pp_rank, ShardStream(shard_record(config, model, tp, pp),
+                                                        model_fills(stage_groups(config, read_group, layers, **where)))
+                del model
                 bar.update()
 
     try:

@@ -18,9 +18,10 @@ What each operator puts in the new tensors, and why, is in megagrow/growth/depth
 megagrow/growth/width.py. The paper found depth-wise G_direct (G_stack) to be the one that
 accelerates pre-training; the others are here to reproduce its comparison.
 
-The sharded growth tool streams a checkpoint instead of loading it whole: for depth it walks
-`layer_sources(spec, num_layers)` and calls `depth.grow_layer` per target layer; for width it
-calls `width.grow_width_tensor` per tensor. Both give exactly what `grow` gives.
+The sharded growth tool (tools/stack_checkpoint.py, megagrow/growth/stacking.py) streams a
+checkpoint instead of loading it whole, for depth operators only: it walks
+`layer_sources(spec, num_layers)` and calls `depth.grow_layer` per target layer, which gives
+exactly what `grow` gives. It refuses width operators; grow width with `grow` on a full state dict.
 """
 
 from __future__ import annotations

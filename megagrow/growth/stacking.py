@@ -10,9 +10,15 @@ that layer was saved, so a target pipeline stage receives its layers from any so
 Each grown layer is made by `megagrow.growth.depth.grow_layer`, the function `grow()` applies
 to full state dicts, so the written model is exactly `grow(base state dict)` resharded.
 
-Memory: the base shards are memory-mapped and merged one layer at a time, so the base model
-is never held; a target shard (the grown model / (tp * pp)) is built whole, as torch.save
-writes one file per shard. Measured peaks are in benchmarks/RESULTS.md.
+Memory: nothing is held whole. Base layers are memory-mapped and merged one at a time; each
+target shard file is streamed (megagrow/checkpoint/streaming_writer.py): its skeleton is
+written from shapes and dtypes alone (the base read as meta tensors), then each grown layer
+is made, written into it and freed before the next. The peak is the imports plus a few
+copies of the largest group (a layer, or the embedding) in flight: merged, grown, tp-split.
+Stacked Adam moments and masters stream one parameter at a time. What cannot be described
+from the base's metadata is computed twice, once for the skeleton's shapes and once to write:
+the moments and masters, and the new layers of depth:zero / depth:random. Measured peaks are
+in benchmarks/RESULTS.md.
 
 The shards hold the grown model, its config and a `growth` record (operator, factor, source
 path and iteration). Without run state pretrain_gpt.py --load starts a new run from them;
@@ -23,6 +29,7 @@ training resumes where the base run stopped, with the grown model.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,15 +41,19 @@ from megagrow.checkpoint.reshard import (
     CheckpointReader,
     Group,
     GroupReader,
+    as_meta,
+    model_fills,
     shard_record,
+    stage_groups,
     stage_shard,
     write_all_shards,
 )
+from megagrow.checkpoint.streaming_writer import Fill, ShardStream
 from megagrow.config import ModelConfig, ParallelConfig, validate_parallel
 from megagrow.errors import UserError
 from megagrow.growth.depth import grow_layer
 from megagrow.growth.operators import DEPTH, GrowthSpec, grown_config, layer_sources
-from megagrow.growth.run_state import RunStateOptions, RunStateWriter
+from megagrow.growth.run_state import ADAM_MOMENTS, RunStateOptions, RunStateWriter, adam_param_order
 from megagrow.growth.tensors import LAYER_TENSORS, layer_tensor_name
 from megagrow.parallel.pipeline import partition_layers
 from megagrow.training.checkpointing import read_tracker
@@ -83,6 +94,46 @@ def growth_record(spec: GrowthSpec, reader: CheckpointReader) -> dict:
     }
 
 
+class StackedAdamStream:
+    """A grown stage's stacked Adam state and fp32 masters, streamed one parameter at a time."""
+
+    def __init__(self, writer: RunStateWriter, model: dict[str, torch.Tensor], tp_rank: int):
+        self.writer, self.model, self.tp_rank = writer, model, tp_rank
+        # Where RunStateWriter.optimizer_state puts each parameter: its AdamW index, its master slot.
+        order = [name for names in adam_param_order(model) for name in names]
+        self.index = {name: index for index, name in enumerate(order)}
+        self.master_slot = {name: slot for slot, name in enumerate(reversed(list(model)))}
+
+    def _state_of(self, name: str) -> tuple[dict | None, torch.Tensor | None]:
+        # A one-parameter stage's optimizer state is that parameter's Adam state (index 0) and master.
+        state = self.writer.optimizer_state({name: self.model[name]}, self.tp_rank)
+        return state["optimizer"]["state"].get(0), state["masters"][0]
+
+    def add_placeholders(self, optimizer: dict) -> None:
+        """Fill a fresh optimizer record's Adam state and masters, with meta tensors for the moments and masters."""
+        for name in self.index:  # AdamW index order, as optimizer_state inserts them
+            adam, master = self._state_of(name)
+            if adam is not None:
+                optimizer["optimizer"]["state"][self.index[name]] = {
+                    key: value.to("meta") if key in ADAM_MOMENTS else value for key, value in adam.items()}
+            if master is not None:
+                optimizer["masters"][self.master_slot[name]] = master.to("meta")
+
+    def _fill(self, name: str) -> Fill:
+        adam, master = self._state_of(name)
+        fill = {}
+        if adam is not None:
+            fill.update({("optimizer", "optimizer", "state", self.index[name], key): adam[key] for key in ADAM_MOMENTS})
+        if master is not None:
+            fill["optimizer", "masters", self.master_slot[name]] = master
+        return fill
+
+    def fills(self) -> Iterator[Fill]:
+        """The moments and master of each parameter in turn."""
+        for name in self.index:
+            yield self._fill(name)
+
+
 def check_target(grown: ModelConfig, tp: int, pp: int, layers_per_stage: Sequence[int] | None) -> list[range]:
     """Layer ranges of the target stages; refuses a layout the grown model cannot be split into."""
     try:
@@ -115,24 +166,32 @@ def stack_checkpoint(load: str | os.PathLike, save: str | os.PathLike, spec: Gro
     tp, pp = tp or reader.tp, pp or reader.pp
     stages = check_target(grown, tp, pp, layers_per_stage)
     state_writer = RunStateWriter(reader, spec, grown, tp, run_state) if run_state is not None else None
+    stack_moments = state_writer is not None and run_state.stack_optimizer_state
+    # Progress, schedule, RNG and the optimizer's layout without moments; the moments stream.
+    layout_writer = RunStateWriter(reader, spec, grown, tp, RunStateOptions()) if stack_moments else state_writer
     read_grown = grown_layer_reader(reader.read_group, reader.config, spec)
+    describe_grown = grown_layer_reader(reader.describe_group, reader.config, spec)
     record = growth_record(spec, reader)
     bar = tqdm(total=tp * pp, desc=f"stacking x{spec.factor} into tp={tp} pp={pp}", unit="shard",
                disable=not progress)
 
-    def shards() -> Iterator[tuple[int, int, dict]]:
+    def shards() -> Iterator[tuple[int, int, ShardStream]]:
         for pp_rank, layers in enumerate(stages):
             for tp_rank in range(tp):
-                model = stage_shard(grown, read_grown, layers, tp=tp, tp_rank=tp_rank, first=pp_rank == 0,
-                                     last=pp_rank == pp - 1)
+                where = {"tp": tp, "tp_rank": tp_rank, "first": pp_rank == 0, "last": pp_rank == pp - 1}
+                model = as_meta(stage_shard(grown, describe_grown, layers, **where))
                 shard = {**shard_record(grown, model, tp, pp), "growth": record}
-                if state_writer is not None:
-                    shard.update(state_writer.shard_state(model, tp_rank))
-                yield tp_rank, pp_rank, shard
+                fills = model_fills(stage_groups(grown, read_grown, layers, **where))
+                if layout_writer is not None:
+                    shard.update(layout_writer.shard_state(model, tp_rank))
+                if stack_moments:
+                    moments = StackedAdamStream(state_writer, model, tp_rank)
+                    moments.add_placeholders(shard["optimizer"])
+                    fills = itertools.chain(fills, moments.fills())
+                yield tp_rank, pp_rank, ShardStream(shard, fills)
                 bar.update()
 
     try:
         return write_all_shards(save, reader.iteration, shards(), pp)
     finally:
         bar.close()
-
