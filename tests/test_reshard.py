@@ -138,7 +138,7 @@ def test_broken_checkpoints_and_targets_fail_with_one_line(tmp_path, capsys):
     save_sharded(tmp_path / "ckpt", 1, CONFIG, reader_from_state_dict(full, CONFIG), tp=2, pp=1, progress=False)
     with pytest.raises(UserError, match="num_query_groups 2 is not divisible by tensor-parallel size 4"):
         save_sharded(tmp_path / "bad", 1, CONFIG, reader_from_state_dict(full, CONFIG), tp=4, pp=1, progress=False)
-    with pytest.raises(UserError, match="not divisible by --pipeline-model-parallel-size 2"):
+    with pytest.raises(UserError, match="not divisible by --target-pipeline-parallel-size 2"):
         save_sharded(tmp_path / "bad", 1, CONFIG, reader_from_state_dict(full, CONFIG), tp=1, pp=2, progress=False)
     # A shard from another model: its config record differs.
     other = CONFIG.replace(ffn_hidden_size=64)

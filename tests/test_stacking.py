@@ -133,7 +133,7 @@ def test_refusals_are_one_line(tmp_path, capsys):
         ((tmp_path / "missing", tmp_path / "a", 2, 1, 1), "not found"),
         ((mixed, tmp_path / "b", 2, 1, 1), "model config differs"),
         ((tmp_path / "base", tmp_path / "c", 2, 4, 1), "num_query_groups 2 is not divisible by tensor-parallel size 4"),
-        ((tmp_path / "base", tmp_path / "d", 2, 1, 3), "not divisible by --pipeline-model-parallel-size 3"),
+        ((tmp_path / "base", tmp_path / "d", 2, 1, 3), "not divisible by --target-pipeline-parallel-size 3"),
         ((tmp_path / "base", tmp_path / "other", 2, 1, 1), "already holds a checkpoint"),
         ((tmp_path / "base", tmp_path / "e", 2, 1, 1, "--stack-optimizer-state"), "holds a model only"),
     ]

@@ -63,7 +63,7 @@ def run_reshard(args: argparse.Namespace) -> Path:
     print(f"reading {args.load} iteration {reader.iteration} (tp={reader.tp} pp={reader.pp})")
     path = save_sharded(args.save, reader.iteration, reader.config, reader.read_group,
                         tp=args.target_tensor_parallel_size, pp=args.target_pipeline_parallel_size,
-                        layers_per_stage=args.pipeline_layer_split)
+                        layers_per_stage=args.pipeline_layer_split, describe_group=reader.describe_group)
     print(f"wrote {path} (tp={args.target_tensor_parallel_size} pp={args.target_pipeline_parallel_size})")
     return path
 

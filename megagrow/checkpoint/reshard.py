@@ -287,7 +287,7 @@ def save_sharded(root: str | os.PathLike, iteration: int, config: ModelConfig, r
     streamed group by group; without it each shard is built whole before it is written.
     """
     validate_parallel(config, ParallelConfig(tp=tp, pp=pp))
-    stages = partition_layers(config.num_layers, pp, layers_per_stage)
+    stages = partition_layers(config.num_layers, pp, layers_per_stage, "--target-pipeline-parallel-size")
     bar = tqdm(total=tp * pp, desc=f"writing tp={tp} pp={pp} shards", unit="shard", disable=not progress)
 
     def shards() -> Iterator[tuple[int, int, ShardStream]]:

@@ -138,7 +138,7 @@ def check_target(grown: ModelConfig, tp: int, pp: int, layers_per_stage: Sequenc
     """Layer ranges of the target stages; refuses a layout the grown model cannot be split into."""
     try:
         validate_parallel(grown, ParallelConfig(tp=tp, pp=pp))
-        return partition_layers(grown.num_layers, pp, layers_per_stage)
+        return partition_layers(grown.num_layers, pp, layers_per_stage, "--target-pipeline-parallel-size")
     except UserError as err:
         raise UserError(f"target layout tp={tp} pp={pp} does not fit the grown model ({grown.num_layers} layers): "
                         f"{err}") from None

@@ -19,8 +19,9 @@ from megagrow.errors import UserError
 from megagrow.parallel import state
 
 
-def partition_layers(num_layers: int, num_stages: int, layers_per_stage: Sequence[int] | None = None) -> list[range]:
-    """Global layer ranges of each stage: even by default, or the explicit split given."""
+def partition_layers(num_layers: int, num_stages: int, layers_per_stage: Sequence[int] | None = None,
+                     stages_flag: str = "--pipeline-model-parallel-size") -> list[range]:
+    """Global layer ranges of each stage: even by default, or the explicit split given (errors name `stages_flag`)."""
     if layers_per_stage is not None:
         if len(layers_per_stage) != num_stages or sum(layers_per_stage) != num_layers or min(layers_per_stage) < 1:
             raise UserError(
@@ -31,7 +32,7 @@ def partition_layers(num_layers: int, num_stages: int, layers_per_stage: Sequenc
     else:
         if num_layers % num_stages != 0:
             raise UserError(
-                f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size {num_stages}; "
+                f"--num-layers {num_layers} is not divisible by {stages_flag} {num_stages}; "
                 f"change one, or give an uneven split with --pipeline-layer-split"
             )
         counts = [num_layers // num_stages] * num_stages
