@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from distributed_harness import run_distributed
 from megagrow.config import ModelConfig
 from megagrow.errors import UserError
-from megagrow.model import backends
+from megagrow.model import attention, backends
 from megagrow.model.attention import core_attention
 from megagrow.model.llama import LlamaModel
 from megagrow.model.rope import RotaryEmbedding, apply_rotary
@@ -99,6 +99,39 @@ def test_rope_properties():
     torch.testing.assert_close(by_position[0], cos[:5].expand(5, 2, 1, 8))
 
 
+def _textbook_rotary(x, cos, sin):
+    """x cos + rotate_half(x) sin in float32, as HF Llama writes it; autograd does the backward."""
+    x32 = x.float()
+    first, second = x32.chunk(2, dim=-1)
+    return (x32 * cos + torch.cat((-second, first), dim=-1) * sin).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("by_position", [False, True])
+def test_rotary_equals_the_textbook_formula_bit_for_bit(dtype, by_position):
+    rotary = RotaryEmbedding(16, max_positions=64, theta=10000.0)
+    positions = torch.randperm(64, generator=torch.Generator().manual_seed(0))[:7].expand(3, 7)
+    cos, sin = rotary(7, positions if by_position else None)
+    x = torch.randn(7, 3, 5, 16, generator=torch.Generator().manual_seed(1)).to(dtype)  # [s, b, n, d]
+    grad = torch.randn(7, 3, 5, 16, generator=torch.Generator().manual_seed(2)).to(dtype)
+    results = []
+    for rotate in (apply_rotary, _textbook_rotary):
+        leaf = x.clone().requires_grad_()
+        out = rotate(leaf, cos, sin)
+        out.backward(grad)
+        results.append((out, leaf.grad))
+    (out, grad_x), (expected, expected_grad) = results
+    assert out.dtype == grad_x.dtype == dtype
+    assert torch.equal(out, expected) and torch.equal(grad_x, expected_grad)
+
+
+def test_rotary_gradient_of_a_broadcast_input():
+    rotary = RotaryEmbedding(8, max_positions=16, theta=10000.0)
+    cos, sin = rotary(4, torch.arange(4).expand(2, 4))  # [s, b=2, 1, d]
+    x = torch.randn(4, 1, 3, 8, dtype=torch.float64, requires_grad=True)  # broadcast over b
+    assert torch.autograd.gradcheck(lambda t: apply_rotary(t, cos.double(), sin.double()), (x,))
+
+
 def test_gqa_attention_matches_naive_reference():
     generator = torch.Generator().manual_seed(1)
     q = torch.randn(6, 2, 4, 8, generator=generator)  # [s, b, n_q, d]
@@ -106,6 +139,30 @@ def test_gqa_attention_matches_naive_reference():
     out = core_attention(q, k, v, backends.SDPA)
     expected = _naive_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v))).permute(2, 0, 1, 3)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gqa_without_enable_gqa_expands_kv_heads_to_the_same_result(monkeypatch):
+    generator = torch.Generator().manual_seed(2)
+    q = torch.randn(9, 2, 6, 8, generator=generator, requires_grad=True)  # [s, b, n_q, d]
+    k, v = (torch.randn(9, 2, 2, 8, generator=generator, requires_grad=True) for _ in range(2))  # [s, b, n_kv, d]
+    takes_gqa, runs = attention._CPU_SDPA_TAKES_GQA, []
+    for native in (True, False):  # enable_gqa and the repeat_interleave fallback
+        monkeypatch.setattr(attention, "_CPU_SDPA_TAKES_GQA", native)
+        out = core_attention(q, k, v, backends.SDPA)
+        runs.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+    for native, fallback in zip(*runs):
+        torch.testing.assert_close(native, fallback, rtol=1e-5, atol=1e-6)
+    if torch.__version__ >= "2.13":  # the pinned torch: its CPU flash kernel takes GQA, writes [s, b, n_q, d] order
+        assert takes_gqa and runs[0][0].is_contiguous()
+
+
+def test_model_compiles_without_graph_breaks():
+    # fullgraph=True raises on any graph break; the backend choices and their logging used to
+    # make one in every norm and attention, sending LlamaModel.forward back to eager.
+    model = LlamaModel(CONFIG, seed=3, force_torch_kernels=True)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    input_ids = _tokens()
+    torch.testing.assert_close(compiled(input_ids, labels=input_ids), model(input_ids, labels=input_ids))
 
 
 def test_model_matches_naive_llama():

@@ -27,20 +27,45 @@ from megagrow.parallel import state
 from megagrow.parallel.layers import ColumnParallelLinear, InitMethod, RowParallelLinear
 
 
+def _cpu_sdpa_takes_gqa() -> bool:
+    # SDPA's enable_gqa (torch >= 2.5) lets query heads read their kv head in place, but only
+    # kernels built for it do so; others leave it to SDPA's math path, which materialises
+    # every score matrix, and expanding the kv heads ourselves is then far cheaper. So ask
+    # the CPU dispatcher once whether its flash kernel takes it. Not used on CUDA: fp32 goes
+    # to the memory-efficient kernel there, which never takes enable_gqa.
+    try:
+        from torch.nn.attention import SDPBackend
+
+        q, kv = torch.zeros(1, 2, 4, 8), torch.zeros(1, 1, 4, 8)  # [b, n, s, d], 2 query heads per kv head
+        return torch._fused_sdp_choice(q, kv, kv, is_causal=True, enable_gqa=True) == int(SDPBackend.FLASH_ATTENTION)
+    except Exception:  # noqa: BLE001 - a torch without enable_gqa or without this private op
+        return False
+
+
+_CPU_SDPA_TAKES_GQA = _cpu_sdpa_takes_gqa()
+
+
 def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
     """Causal softmax(q k^T / sqrt(d)) v: q [s, b, n_q, d], k and v [s, b, n_kv, d] -> [s, b, n_q, d]."""
     if backend == FLASH_ATTENTION:
         from flash_attn import flash_attn_func
 
-        # flash-attn takes [b, s, n, d] and handles n_q > n_kv itself.
+        # flash-attn takes [b, s, n, d] (any batch, sequence and head strides, unit stride in
+        # d) and handles n_q > n_kv itself.
         out = flash_attn_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), causal=True)
         return out.transpose(0, 1)
     repeats = q.size(2) // k.size(2)
-    # SDPA takes [b, n, s, d]; kv heads are expanded so query head i meets kv head i // repeats.
+    # SDPA takes [b, n, s, d]: permuted views, no copies. torch 2.13's CPU kernel writes its
+    # output in q's [s, b, n, d] memory order, so permuting it back is contiguous too.
     q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-    if repeats > 1:
+    if repeats == 1:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    elif _CPU_SDPA_TAKES_GQA and q.device.type == "cpu":
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        # kv heads expanded so query head i meets kv head i // repeats.
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return out.permute(2, 0, 1, 3)
 
 

@@ -54,24 +54,26 @@ def fused_disabled(kind: str) -> bool:
     return kind in {name.strip().lower() for name in os.environ.get(DISABLE_FUSED_ENV, "").split(",")}
 
 
-@functools.lru_cache(maxsize=None)
-def _choose(kind: str, device_type: str, dtype: torch.dtype | None, forced: bool) -> str:
+def _choose(kind: str, device_type: str, dtype: torch.dtype | None, forced: bool) -> tuple[str, str]:
+    """(backend, why) for one kernel kind; pure, so its answer can be cached."""
     if kind == "attention":
         fused, fallback, module = FLASH_ATTENTION, SDPA, "flash_attn"
     else:
         fused, fallback, module = APEX_RMSNORM, TORCH_RMSNORM, "apex.normalization"
     if forced:
-        choice, reason = fallback, f"forced by argument, {FORCE_TORCH_KERNELS_ENV} or {DISABLE_FUSED_ENV}"
-    elif device_type != "cuda":
-        choice, reason = fallback, f"device is {device_type}, not cuda"
-    elif kind == "attention" and dtype not in _HALF_DTYPES:
-        choice, reason = fallback, f"flash-attn needs fp16/bf16, params are {dtype}"
-    elif not _importable(module):
-        choice, reason = fallback, f"{module} is not importable"
-    else:
-        choice, reason = fused, f"{module} importable on cuda"
-    logger.info("%s backend: %s (%s)", kind, choice, reason)
-    return choice
+        return fallback, f"forced by argument, {FORCE_TORCH_KERNELS_ENV} or {DISABLE_FUSED_ENV}"
+    if device_type != "cuda":
+        return fallback, f"device is {device_type}, not cuda"
+    if kind == "attention" and dtype not in _HALF_DTYPES:
+        return fallback, f"flash-attn needs fp16/bf16, params are {dtype}"
+    if not _importable(module):
+        return fallback, f"{module} is not importable"
+    return fused, f"{module} importable on cuda"
+
+
+# (kind, device type, dtype, forced) -> backend. A plain dict, not functools.lru_cache: torch.compile
+# reads a dict lookup as a constant (guarded), where it would trace into a cached function.
+_CHOICES: dict[tuple, str] = {}
 
 
 def _decide(kind: str, device: torch.device | str | None, dtype: torch.dtype | None, force_torch: bool | None) -> str:
@@ -83,7 +85,12 @@ def _decide(kind: str, device: torch.device | str | None, dtype: torch.dtype | N
         device_type, dtype = "any", None
     elif device_type != "cuda":
         dtype = None
-    return _choose(kind, device_type, dtype, forced)
+    key = (kind, device_type, dtype, forced)
+    if key not in _CHOICES:
+        choice, reason = _choose(*key)
+        log_choice(f"{kind} backend", choice, reason)
+        _CHOICES[key] = choice
+    return _CHOICES[key]
 
 
 def attention_backend(device: torch.device | str | None, dtype: torch.dtype,
@@ -98,12 +105,18 @@ def norm_backend(device: torch.device | str | None, force_torch: bool | None = N
 
 
 @functools.lru_cache(maxsize=None)
+def _log_once(kind: str, choice: str, reason: str) -> None:
+    logger.info("%s: %s (%s)", kind, choice, reason)
+
+
 def log_choice(kind: str, choice: str, reason: str) -> None:
     """Log a speed option's setting on the "megagrow.model" logger, once per distinct (kind, choice, reason)."""
-    logger.info("%s: %s (%s)", kind, choice, reason)
+    if torch.compiler.is_compiling():  # a logger call would break the graph; eager calls log it
+        return
+    _log_once(kind, choice, reason)
 
 
 def reset_backend_choices() -> None:
     """Forget the cached choices so the next model decides (and logs) again; for tests."""
-    _choose.cache_clear()
-    log_choice.cache_clear()
+    _CHOICES.clear()
+    _log_once.cache_clear()

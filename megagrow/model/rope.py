@@ -11,16 +11,45 @@ import torch
 from torch import nn
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the two halves of the last dimension."""
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) over the two halves of the last dimension
+    # (signs of the sin terms swapped for the inverse rotation), in float32 or wider. One full
+    # and two half-size multiplies and two in-place half updates: the textbook
+    # x cos + cat(-x2, x1) sin adds a neg, a cat and a full add (and as many again in
+    # backward), yet rounds every product and sum exactly as this does, so results are equal.
+    half = x.size(-1) // 2
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    out = x * cos  # the broadcast shape of x and cos
+    x2_sin = x[..., half:] * sin[..., :half]
+    x1_sin = x[..., :half] * sin[..., half:]
+    if inverse:
+        out[..., :half].add_(x2_sin)
+        out[..., half:].sub_(x1_sin)
+    else:
+        out[..., :half].sub_(x2_sin)
+        out[..., half:].add_(x1_sin)
+    return out
+
+
+class _ApplyRotary(torch.autograd.Function):
+    # A rotation's transpose is the rotation by -angle: backward rotates the gradient back,
+    # and nothing but the (shared, constant) tables is saved for it.
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return _rotate(x, cos, sin, inverse=False).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cos, sin = ctx.saved_tensors
+        grad_x = _rotate(grad_out, cos, sin, inverse=True).sum_to_size(ctx.x_shape)
+        return grad_x.to(ctx.x_dtype), None, None
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [s, b, n, d] by the angles of cos/sin [s, b or 1, 1, d]; computed in float32."""
-    x32 = x.float()
-    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
+    """Rotate x [s, b, n, d] by the angles of cos/sin [s, b or 1, 1, d], in float32 or wider; the tables get no grad."""
+    return _ApplyRotary.apply(x, cos, sin)
 
 
 class RotaryEmbedding(nn.Module):
