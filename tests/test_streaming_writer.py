@@ -98,21 +98,31 @@ def test_fills_that_do_not_match_the_skeleton_are_refused(tmp_path, change, mess
         write_streamed(tmp_path / "bad.pt", ShardStream(stream.record, change(list(stream.fills))))
 
 
-def _live_heap_bytes(ignore: set[int]) -> int:
-    """Bytes of heap-allocated CPU tensor storages alive now (memory-mapped checkpoint storages are not resizable)."""
-    storages = {}  # reference counting frees groups as they are dropped: no gc.collect() needed
+def _cpu_heap_storages() -> dict[int, int]:
+    """data_ptr -> bytes of every heap-allocated CPU tensor storage alive (memory-mapped ones are not resizable)."""
+    storages = {}
     for obj in gc.get_objects():
-        if issubclass(type(obj), torch.Tensor):  # (isinstance trips deprecation shims' __class__)
+        if not issubclass(type(obj), torch.Tensor):  # (isinstance trips deprecation shims' __class__)
+            continue
+        try:
             storage = obj.untyped_storage()
-            if storage.device.type == "cpu" and storage.resizable() and storage.data_ptr() not in ignore:
+            if storage.device.type == "cpu" and storage.resizable():
                 storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+        except (RuntimeError, NotImplementedError):  # tensors without storage (fake, functional) left by other tests
+            continue
+    return storages
+
+
+def _live_heap_bytes(ignore: set[int]) -> int:
+    """Bytes of heap tensor storages alive now that were not in `ignore`."""
+    # reference counting frees groups as they are dropped: no gc.collect() needed
+    return sum(nbytes for pointer, nbytes in _cpu_heap_storages().items() if pointer not in ignore)
 
 
 def _watch_writes(monkeypatch) -> list[int]:
     """Live heap bytes at each tensor the streaming writer writes, counting only what appeared since now."""
     gc.collect()
-    ignore = {obj.untyped_storage().data_ptr() for obj in gc.get_objects() if issubclass(type(obj), torch.Tensor)}
+    ignore = set(_cpu_heap_storages())
     seen, write = [], streaming_writer.write_tensor
 
     def watched(writer, path, tensor):
