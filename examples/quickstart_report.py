@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from megagrow.errors import UserError, exit_on_user_error
-from megagrow.training.loss_curves import plot_validation_curves, tokens_to_reach, validation_curve
+from megagrow.training.loss_curves import Curve, plot_validation_curves, tokens_to_reach, validation_curve
 from megagrow.training.metrics import read_metrics
 
 
@@ -24,25 +24,18 @@ def _leg(label: str, metrics: Path, start_tokens: int) -> tuple[list[str], int]:
     return row, end_tokens
 
 
-def summary(base: Path, grown: Path, scratch: Path | None, labels: dict[str, str]) -> str:
+def summary(rows: list[list[str]], grown_curve: Curve, scratch_curve: Curve | None) -> str:
     """Markdown table of the legs, and how many tokens base -> grown needed to reach scratch's final loss."""
-    base_row, grown_at = _leg(labels["base"], base, 0)
-    rows = [base_row, _leg(labels["grown"], grown, grown_at)[0]]
-    if scratch is not None:
-        rows.append(_leg(labels["scratch"], scratch, 0)[0])
     lines = ["| run | tokens | last iteration | last train loss | last validation loss |", "|---|--:|--:|--:|--:|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    if scratch is not None:
-        scratch_curve = validation_curve(scratch)
-        grown_curve = validation_curve([base, grown])
-        if scratch_curve and grown_curve:
-            total, target = scratch_curve[-1]
-            reached = tokens_to_reach(grown_curve, target)
-            lines.append("")
-            lines.append(f"base -> grown reaches the scratch run's final validation loss {target:.4f} "
-                         + (f"after {reached:,.0f} of {total:,} tokens ({1 - reached / total:.1%} fewer)"
-                            if reached is not None else f"not within {total:,} tokens")
-                         + " (one seed, a few evaluation batches: read it as a smoke test, not a result)")
+    if scratch_curve and grown_curve:
+        total, target = scratch_curve[-1]
+        reached = tokens_to_reach(grown_curve, target)
+        lines.append("")
+        lines.append(f"base -> grown reaches the scratch run's final validation loss {target:.4f} "
+                     + (f"after {reached:,.0f} of {total:,} tokens ({1 - reached / total:.1%} fewer)"
+                        if reached is not None else f"not within {total:,} tokens")
+                     + " (one seed, a few evaluation batches: read it as a smoke test, not a result)")
     return "\n".join(lines)
 
 
@@ -59,16 +52,17 @@ def main(argv=None) -> None:
     parser.add_argument("--plot", type=Path, required=True, help="PNG of validation loss against tokens")
     parser.add_argument("--summary", type=Path, help="also write the table here (markdown)")
     args = parser.parse_args(argv)
-    labels = {"base": args.base_label, "grown": args.grown_label, "scratch": args.scratch_label}
-    table = summary(args.base, args.grown, args.scratch, labels)
-    print(table)
-    base_curve = validation_curve(args.base)
-    curves = {f"{args.base_label} -> {args.grown_label}": validation_curve([args.base, args.grown])}
+    base_row, grown_at = _leg(args.base_label, args.base, 0)
+    rows = [base_row, _leg(args.grown_label, args.grown, grown_at)[0]]
+    chain = f"{args.base_label} -> {args.grown_label}"  # one curve: the base, then the grown model
+    curves = {chain: validation_curve([args.base, args.grown])}
     if args.scratch is not None:
+        rows.append(_leg(args.scratch_label, args.scratch, 0)[0])
         curves[args.scratch_label] = validation_curve(args.scratch)
-    markers = {"growth": base_curve[-1][0]} if base_curve else {}
+    table = summary(rows, curves[chain], curves.get(args.scratch_label))
+    print(table)
     try:
-        plot_validation_curves(curves, args.plot, markers=markers, title="megagrow CPU quickstart")
+        plot_validation_curves(curves, args.plot, markers={"growth": grown_at}, title="megagrow CPU quickstart")
         if args.summary:
             args.summary.write_text(table + "\n")
     except OSError as err:
