@@ -19,7 +19,7 @@ def _hf_dir(path, vocab_size):
 
 def test_greedy_continuation_matches_transformers_generate(tmp_path, tiny_tokenizer_model):
     hf = _hf_dir(tmp_path / "hf", TINY_VOCAB_SIZE + 8)  # padded vocabulary, as megagrow exports it
-    text, count = generate_hf.generate(hf, tiny_tokenizer_model, "def main", 6, temperature=0.0, seed=0)
+    text, count, built = generate_hf.generate(hf, tiny_tokenizer_model, "def main", 6, temperature=0.0, seed=0)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
     from megagrow.data.tokenizer import SentencePieceTokenizer
 
@@ -28,6 +28,7 @@ def test_greedy_continuation_matches_transformers_generate(tmp_path, tiny_tokeni
     expected = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(prompt):]
     kept = [i for i in expected.tolist() if i < tokenizer.vocab_size]
     assert count == len(kept) and text == tokenizer.decode(kept)
+    assert built == "LlamaForCausalLM, 1 layers, hidden 32"
 
 
 def test_errors_end_in_one_line(tmp_path, tiny_tokenizer_model, capsys):

@@ -12,7 +12,6 @@ Needs the `hf` extra: pip install -e '.[hf]'.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -32,8 +31,8 @@ def _load_model(hf_dir: Path):
 
 
 def generate(hf_dir: Path, tokenizer_model: Path, prompt: str, max_new_tokens: int, temperature: float,
-             seed: int) -> tuple[str, int]:
-    """The prompt's continuation from the HF model (text, number of new tokens)."""
+             seed: int) -> tuple[str, int, str]:
+    """The prompt's continuation from the HF model: (text, number of new tokens, what model transformers built)."""
     import torch
 
     from megagrow.data.tokenizer import SentencePieceTokenizer
@@ -57,7 +56,9 @@ def generate(hf_dir: Path, tokenizer_model: Path, prompt: str, max_new_tokens: i
     new_ids = output[0, len(prompt_ids):].tolist()
     # Pieces past the tokenizer's vocabulary are padding rows of the embedding; a tiny model may still pick them.
     new_ids = [i for i in new_ids if i < tokenizer.vocab_size]
-    return tokenizer.decode(new_ids), len(new_ids)
+    config = model.config
+    built = f"{type(model).__name__}, {config.num_hidden_layers} layers, hidden {config.hidden_size}"
+    return tokenizer.decode(new_ids), len(new_ids), built
 
 
 @exit_on_user_error
@@ -73,11 +74,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not args.tokenizer_model.is_file():
         raise UserError(f"--tokenizer-model {args.tokenizer_model}: no such file")
-    config = json.loads((args.hf_dir / "config.json").read_text()) if (args.hf_dir / "config.json").is_file() else {}
-    text, count = generate(args.hf_dir, args.tokenizer_model, args.prompt, args.max_new_tokens, args.temperature,
-                           args.seed)
-    print(f"loaded {args.hf_dir} with transformers ({config.get('architectures', ['?'])[0]}, "
-          f"{config.get('num_hidden_layers', '?')} layers, hidden {config.get('hidden_size', '?')})")
+    text, count, built = generate(args.hf_dir, args.tokenizer_model, args.prompt, args.max_new_tokens,
+                                  args.temperature, args.seed)
+    print(f"loaded {args.hf_dir} with transformers ({built})")
     print(f"prompt: {args.prompt!r}")
     print(f"continuation ({count} tokens): {text!r}")
     sys.stdout.flush()
