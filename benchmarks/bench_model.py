@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from megagrow.checkpoint.hf_llama import config_to_hf, to_hf_tensors
-from megagrow.checkpoint.reshard import group_keys, group_param_names
+from megagrow.checkpoint.reader import group_keys, group_param_names
 from megagrow.config import ModelConfig, training_flops_per_token
 from megagrow.model.llama import LlamaModel
 from megagrow.parallel import state

@@ -33,7 +33,8 @@ FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "1000000"}
 
 _WRITE_BASE = """
 import sys, torch
-from megagrow.checkpoint.reshard import group_keys, group_param_names, reader_from_state_dict, save_sharded
+from megagrow.checkpoint.reader import group_keys, group_param_names
+from megagrow.checkpoint.reshard import reader_from_state_dict, save_sharded
 from megagrow.checkpoint.tp_layout import full_shape
 from megagrow.config import ModelConfig
 config = ModelConfig(num_layers={layers}, hidden_size={hidden}, ffn_hidden_size={ffn}, num_attention_heads=16,
@@ -88,7 +89,7 @@ def _largest_shard_mb(path: Path) -> float:
 
 def _group_mb(layers: int, hidden: int, ffn: int, vocab: int) -> tuple[float, float]:
     """(one layer, the embedding) of the bench model in MB, fp32."""
-    from megagrow.checkpoint.reshard import group_param_names
+    from megagrow.checkpoint.reader import group_param_names
     from megagrow.checkpoint.tp_layout import full_shape
     from megagrow.config import ModelConfig
 

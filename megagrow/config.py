@@ -233,8 +233,14 @@ class TrainConfig:
     save: str | None = None
     load: str | None = None
     save_interval: int | None = None
+    # Checkpoint flags as Megatron-LM's (honoured by megagrow/training/checkpoint_state.py):
+    ckpt_format: str = "torch"  # "torch" (per-rank model_optim_rng.pt) or "torch_dist"
     no_load_optim: bool = False
     no_load_rng: bool = False
+    no_save_optim: bool = False
+    no_save_rng: bool = False
+    use_checkpoint_args: bool = False  # take the model's shape from --load's args
+    exit_on_missing_checkpoint: bool = False
     eval_interval: int | None = 1000
     eval_iters: int = 10
     log_interval: int = 100
@@ -276,6 +282,9 @@ class TrainConfig:
                             "drop --use-distributed-optimizer and choose a --zero-stage")
         if (self.deepspeed_config or self.zero_stage is not None) and not self.deepspeed:
             raise UserError("--deepspeed_config/--zero-stage given without --deepspeed; add --deepspeed")
+        if self.ckpt_format not in ("torch", "torch_dist"):
+            raise UserError(f"--ckpt-format {self.ckpt_format}: megagrow writes and reads Megatron-LM's torch and "
+                            f"torch_dist formats; choose one of them")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"--zero-stage {self.zero_stage}: ZeRO stages are 0, 1, 2 and 3")
 

@@ -13,18 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from megagrow.errors import UserError
-from megagrow.training.checkpointing import (
+from megagrow.checkpoint.layout import (
     TRACKER_FILENAME,
     checkpoint_layout,
-    get_rng_state,
+    iteration_dir,
     load_shard,
     read_tracker,
     save_checkpoint,
-    set_rng_state,
     shard_dir_name,
     shard_path,
 )
+from megagrow.checkpoint.megatron_state import restore_rng, rng_state
+from megagrow.errors import UserError
 
 
 def test_shard_names_follow_megatron():
@@ -84,9 +84,19 @@ def test_checkpoint_cannot_run_code(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     save_checkpoint(tmp_path, 1, {"ok": 1})
     torch.save({"evil": _RunsCode()}, shard_path(tmp_path, 1, 0, 0, 1))
-    with pytest.raises(UserError, match="cannot be loaded safely"):
+    with pytest.raises(UserError, match="refused, it would import 'posix.system'"):
         load_shard(tmp_path)
     assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_release_tracker_names_the_release_directory(tmp_path):
+    save_checkpoint(tmp_path, "release", {"iteration": 0})
+    assert (tmp_path / TRACKER_FILENAME).read_text().strip() == "release"
+    assert read_tracker(tmp_path) == "release" and iteration_dir(tmp_path, "release") == tmp_path / "release"
+    assert load_shard(tmp_path)["iteration"] == 0
+    (tmp_path / TRACKER_FILENAME).write_text("soon\n")
+    with pytest.raises(UserError, match="expected an iteration number or 'release'"):
+        read_tracker(tmp_path)
 
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
@@ -94,7 +104,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     # A child saves a large iteration 2; kill -9 it once its temporary directory appears.
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import torch
-        from megagrow.training.checkpointing import save_checkpoint
+        from megagrow.checkpoint.layout import save_checkpoint
         while True:
             save_checkpoint({str(tmp_path)!r}, 2, {{"w": torch.zeros(64_000_000)}})
     """)])
@@ -112,10 +122,16 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_rng_state_round_trip(tmp_path):
+def test_rng_state_round_trip_in_megatrons_record(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    save_checkpoint(tmp_path, 1, {"rng": get_rng_state()})
+    save_checkpoint(tmp_path, 1, {"rng_state": rng_state(seed=1234, tp_rank=1, pp_rank=0)})
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    set_rng_state(load_shard(tmp_path)["rng"])
+    record = load_shard(tmp_path)["rng_state"]
+    restore_rng(record)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    # The CUDA generator states Megatron-LM restores: a fresh run's (seed, offset 0), 16 bytes each.
+    tracker = record[0]["rng_tracker_states"]
+    assert set(tracker) == {"model-parallel-rng", "data-parallel-rng", "expert-parallel-rng"}
+    seed = int.from_bytes(bytes(tracker["model-parallel-rng"][:8].tolist()), "little")
+    assert seed == 1234 + 2718 + 1 and record[0]["cuda_rng_state"].numel() == 16

@@ -7,14 +7,14 @@ from data_factory import random_documents, write_dataset
 from distributed_harness import run_distributed
 
 from megagrow.arguments import parse_args
-from megagrow.checkpoint.reshard import CheckpointReader
+from megagrow.checkpoint.reader import CheckpointReader
 from megagrow.errors import UserError
 from megagrow.growth import GrowthSpec
 from megagrow.growth.in_run import phase_configs, train_with_growth
 from megagrow.growth.run_state import RunStateOptions
 from megagrow.growth.stacking import stack_checkpoint
 from megagrow.parallel import state
-from megagrow.training.checkpointing import load_shard, read_tracker
+from megagrow.checkpoint.layout import load_shard, read_tracker
 from megagrow.training.trainer import Trainer
 
 TOKENS_PER_ITERATION = 4 * 16  # global batch x seq length
@@ -55,7 +55,7 @@ def test_growing_in_the_run_equals_the_two_step_recipe(tmp_path, data_prefix):
     assert [i for i, _ in grown_losses] == [3, 4]
     assert read_tracker(ckpt) == 2 and read_tracker(ckpt / "grown") == 4
     assert CheckpointReader(ckpt / "grown").config.num_layers == 4
-    assert load_shard(ckpt / "grown", iteration=2, pp_rank=1, pp_size=2)["growth"]["factor"] == 2
+    assert load_shard(ckpt / "grown", iteration=2, pp_rank=1, pp_size=2)["megagrow"]["growth"]["factor"] == 2
 
     # By hand: train the base with the whole run's LR schedule, grow with the run state, resume.
     manual = tmp_path / "manual"

@@ -8,12 +8,12 @@ from megagrow.errors import UserError
 from megagrow.growth import GrowthSpec, grow, grown_config, layer_sources
 from megagrow.growth.depth import grow_layer
 from megagrow.growth.tensors import (
-    DENSE,
-    DOWN,
     EMBEDDING,
-    GATE_UP,
+    FC1,
+    FC2,
     LAYER_TENSORS,
     NORMS,
+    PROJ,
     QKV,
     check_state_dict,
     init_tensor,
@@ -159,7 +159,7 @@ def test_new_depth_layers_are_the_models_own_init():
             reference = expected[full] if source is None else expected[layer_tensor_name(source, name)]
             assert torch.equal(grown[full], reference), full
     # Output projections use the grown depth: std / sqrt(2 * 4) for 4 layers.
-    assert abs(grown[layer_tensor_name(3, DOWN)].std().item() - 0.02 / 8**0.5) < 0.002
+    assert abs(grown[layer_tensor_name(3, FC2)].std().item() - 0.02 / 8**0.5) < 0.002
 
 
 def test_zero_depth_layers_are_silent_but_trainable():
@@ -167,15 +167,15 @@ def test_zero_depth_layers_are_silent_but_trainable():
     grown, grown_cfg = grow(state, config, GrowthSpec("depth:zero", factor=2, seed=SEED))
     fresh = LlamaModel(grown_cfg, seed=SEED).state_dict()
     for target in (2, 3):
-        assert not grown[layer_tensor_name(target, DENSE)].any() and not grown[layer_tensor_name(target, DOWN)].any()
-        for name in (QKV, GATE_UP, *NORMS):
+        assert not grown[layer_tensor_name(target, PROJ)].any() and not grown[layer_tensor_name(target, FC2)].any()
+        for name in (QKV, FC1, *NORMS):
             assert torch.equal(grown[layer_tensor_name(target, name)], fresh[layer_tensor_name(target, name)])
     model = LlamaModel(grown_cfg)
     model.load_state_dict(grown)
     model(TOKENS, labels=TOKENS).mean().backward()
     for target in (2, 3):
-        assert model.layers[str(target)].attention.dense.weight.grad.abs().sum() > 0
-        assert model.layers[str(target)].mlp.down.weight.grad.abs().sum() > 0
+        assert model.decoder.layers[target].self_attention.linear_proj.weight.grad.abs().sum() > 0
+        assert model.decoder.layers[target].mlp.linear_fc2.weight.grad.abs().sum() > 0
 
 
 def test_width_zero_new_units_receive_gradients():
@@ -185,7 +185,7 @@ def test_width_zero_new_units_receive_gradients():
     model.load_state_dict(grown)
     model(TOKENS, labels=TOKENS).mean().backward()
     h, ffn = config.hidden_size, config.ffn_hidden_size
-    down = model.layers["0"].mlp.down.weight.grad
+    down = model.decoder.layers[0].mlp.linear_fc2.weight.grad
     assert down[h:, :].abs().sum() > 0  # rows writing the new hidden channels
     assert down[:, ffn:].abs().sum() > 0  # columns reading the new FFN neurons
 
@@ -197,10 +197,10 @@ def test_width_random_keeps_old_values_and_draws_the_rest():
     fresh = LlamaModel(grown_cfg, seed=SEED).state_dict()
     assert {n: t.shape for n, t in grown.items()} == {n: t.shape for n, t in fresh.items()}
     h, ffn = config.hidden_size, config.ffn_hidden_size
-    down = grown[layer_tensor_name(0, DOWN)]
-    assert torch.equal(down[:h, :ffn], state[layer_tensor_name(0, DOWN)])
-    assert torch.equal(down[h:, :], fresh[layer_tensor_name(0, DOWN)][h:, :])
-    gate_up, old_gate_up = grown[layer_tensor_name(1, GATE_UP)], state[layer_tensor_name(1, GATE_UP)]
+    down = grown[layer_tensor_name(0, FC2)]
+    assert torch.equal(down[:h, :ffn], state[layer_tensor_name(0, FC2)])
+    assert torch.equal(down[h:, :], fresh[layer_tensor_name(0, FC2)][h:, :])
+    gate_up, old_gate_up = grown[layer_tensor_name(1, FC1)], state[layer_tensor_name(1, FC1)]
     assert torch.equal(gate_up[2 * ffn:3 * ffn, :h], old_gate_up[ffn:, :])  # up block starts after the grown gate
     embedding = grown[EMBEDDING]
     assert torch.equal(embedding[:, :h], state[EMBEDDING])

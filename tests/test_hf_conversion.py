@@ -8,11 +8,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from megagrow.checkpoint.reshard import CheckpointReader, reader_from_state_dict, save_sharded  # noqa: E402
+from megagrow.checkpoint.reshard import reader_from_state_dict, save_sharded  # noqa: E402
 from megagrow.config import ModelConfig  # noqa: E402
 from megagrow.model.llama import LlamaModel  # noqa: E402
 from megagrow.parallel import state  # noqa: E402
-from megagrow.training.checkpointing import load_shard  # noqa: E402
+from megagrow.checkpoint.reader import CheckpointReader  # noqa: E402
 from fixtures_text import load_tool  # noqa: E402
 
 convert = load_tool("convert_checkpoint").main
@@ -50,10 +50,9 @@ def _tokens(batch=2, seq=16):
 
 
 def _megagrow_logits(ckpt: str, tokens: torch.Tensor) -> torch.Tensor:
-    shard = load_shard(ckpt)
-    config = ModelConfig(**shard["config"]["model"])
-    model = LlamaModel(config).eval()
-    model.load_state_dict(shard["model"], strict=True)
+    reader = CheckpointReader(ckpt)
+    model = LlamaModel(reader.config).eval()
+    model.load_state_dict(reader.stage_model(0, 0), strict=True)
     with torch.no_grad():
         return model(tokens)
 
@@ -117,7 +116,7 @@ def test_megagrow_to_hf_gives_megagrow_logits(tmp_path, single_process):
 
 def _full_state(model: LlamaModel, config: ModelConfig) -> dict:
     state_dict = dict(model.state_dict())
-    for name in ("embedding.weight", "output_layer.weight"):
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         if name in state_dict:
             state_dict[name] = state_dict[name][:config.vocab_size]
     return state_dict

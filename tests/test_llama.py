@@ -50,19 +50,22 @@ def _naive_llama_logits(config, weights, input_ids):
     b, s = input_ids.shape
     d, n_q, n_kv = config.head_dim, config.num_attention_heads, config.query_groups
     positions = torch.arange(s)
-    x = weights["embedding.weight"][input_ids]
+    x = weights["embedding.word_embeddings.weight"][input_ids]
     for layer in range(config.num_layers):
-        w = {name.removeprefix(f"layers.{layer}."): value for name, value in weights.items()}
-        normed = _naive_rms(x, w["input_norm.weight"], config.norm_eps)
-        w_q, w_k, w_v = w["attention.qkv.weight"].split([n_q * d, n_kv * d, n_kv * d])
+        w = {name.removeprefix(f"decoder.layers.{layer}."): value for name, value in weights.items()}
+        normed = _naive_rms(x, w["input_layernorm.weight"], config.norm_eps)
+        # megatron-core's linear_qkv: per query group, its n_q/n_kv query heads, then its k head, then its v head.
+        grouped = w["self_attention.linear_qkv.weight"].view(n_kv, n_q // n_kv + 2, d, -1)
+        w_q = grouped[:, :-2].reshape(n_q * d, -1)
+        w_k, w_v = grouped[:, -2].reshape(n_kv * d, -1), grouped[:, -1].reshape(n_kv * d, -1)
         q, k, v = ((normed @ m.T).view(b, s, -1, d).transpose(1, 2) for m in (w_q, w_k, w_v))
         q, k = _naive_rope(q, positions, config.rope_theta), _naive_rope(k, positions, config.rope_theta)
         context = _naive_attention(q, k, v).transpose(1, 2).reshape(b, s, n_q * d)
-        x = x + context @ w["attention.dense.weight"].T
-        normed = _naive_rms(x, w["post_attention_norm.weight"], config.norm_eps)
-        w_gate, w_up = w["mlp.gate_up.weight"].chunk(2)
-        x = x + (F.silu(normed @ w_gate.T) * (normed @ w_up.T)) @ w["mlp.down.weight"].T
-    x = _naive_rms(x, weights["final_norm.weight"], config.norm_eps)
+        x = x + context @ w["self_attention.linear_proj.weight"].T
+        normed = _naive_rms(x, w["pre_mlp_layernorm.weight"], config.norm_eps)
+        w_gate, w_up = w["mlp.linear_fc1.weight"].chunk(2)
+        x = x + (F.silu(normed @ w_gate.T) * (normed @ w_up.T)) @ w["mlp.linear_fc2.weight"].T
+    x = _naive_rms(x, weights["decoder.final_layernorm.weight"], config.norm_eps)
     return x @ weights["output_layer.weight"][: config.vocab_size].T
 
 
@@ -185,7 +188,14 @@ def test_pipeline_stages_compose_to_the_full_model():
     last = LlamaModel(CONFIG, pre_process=False, post_process=True, layer_range=(1, 2), seed=5,
                       force_torch_kernels=True)
     assert first.output_layer is None and last.embedding is None
-    assert list(last.layers) == ["1"]  # global layer numbering on every stage
+    # megatron-core's numbering: a stage's layers count from 0; the offset says which global layers they are.
+    assert len(last.decoder.layers) == 1 and last.layer_offset == 1
+    assert set(last.state_dict()) == {"decoder.layers.0." + s for s in (
+        "input_layernorm.weight", "self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
+        "pre_mlp_layernorm.weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")} | {
+        "decoder.final_layernorm.weight", "output_layer.weight"}
+    # Initialised by global name: the last stage's layer is the full model's layer 1.
+    torch.testing.assert_close(last.decoder.layers[0].mlp.linear_fc2.weight, full.decoder.layers[1].mlp.linear_fc2.weight)
     input_ids = _tokens(1)
     with torch.no_grad():
         hidden = first(input_ids)
@@ -196,10 +206,10 @@ def test_pipeline_stages_compose_to_the_full_model():
 def test_tied_embeddings_share_one_weight_and_match_across_stages():
     tied = CONFIG.replace(tie_embeddings=True)
     model = LlamaModel(tied, seed=5, force_torch_kernels=True)
-    assert model.output_layer.weight is None and model.embedding.weight.shared_embedding
+    assert model.output_layer.weight is None and model.embedding.word_embeddings.weight.shared_embedding
     last = LlamaModel(tied, pre_process=False, post_process=True, layer_range=(1, 2), seed=5,
                       force_torch_kernels=True)
-    torch.testing.assert_close(last.output_layer.weight, model.embedding.weight)
+    torch.testing.assert_close(last.output_layer.weight, model.embedding.word_embeddings.weight)
 
 
 def test_fallback_backends_forced_and_logged_once(caplog, monkeypatch):

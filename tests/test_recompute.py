@@ -54,7 +54,7 @@ def _count_forwards(model, monkeypatch):
         return original(*args)
 
     monkeypatch.setattr(attention, "core_attention", counting_core_attention)
-    for layer in model.layers.values():
+    for layer in model.decoder.layers:
         # A pre-hook: checkpoint's recomputation stops early, once it has what backward
         # needs, so the layer's forward (post-)hooks never run the second time.
         layer.register_forward_pre_hook(lambda *_: calls.__setitem__("layer", calls["layer"] + 1))

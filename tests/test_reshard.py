@@ -7,17 +7,12 @@ import torch
 from data_factory import random_documents, write_dataset
 from distributed_harness import run_distributed
 from fixtures_text import load_tool, run_tool
-from megagrow.checkpoint.reshard import (
-    CheckpointReader,
-    group_keys,
-    group_param_names,
-    reader_from_state_dict,
-    save_sharded,
-)
+from megagrow.checkpoint.reader import CheckpointReader, group_keys, group_param_names
+from megagrow.checkpoint.reshard import reader_from_state_dict, save_sharded
 from megagrow.checkpoint.tp_layout import full_shape
 from megagrow.config import ModelConfig
 from megagrow.errors import UserError
-from megagrow.training.checkpointing import checkpoint_layout, iteration_dir, load_shard, read_tracker
+from megagrow.checkpoint.layout import checkpoint_layout, iteration_dir, load_shard, read_tracker
 from trainer_runs import trainer_from_flags
 
 convert = load_tool("convert_checkpoint").main
@@ -59,7 +54,10 @@ def _assert_same_tensors(a: dict, b: dict):
     for key in a:
         assert a[key].keys() == b[key].keys(), key
         for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
+            if a[key][name] is None:  # the local spec's _extra_state entries
+                assert b[key][name] is None, (key, name)
+            else:
+                assert torch.equal(a[key][name], b[key][name]), (key, name)
 
 
 def _reshard(source, target, tp, pp):
@@ -110,11 +108,13 @@ def test_uneven_pipeline_split_round_trips(tmp_path):
                  layers_per_stage=[1, 2], progress=False)
     reader = CheckpointReader(tmp_path / "ckpt")
     assert (reader.iteration, reader.tp, reader.pp, reader.layers_per_stage) == (5, 2, 2, [1, 2])
+    # megatron-core's names, layers numbered from each stage's first, with the local spec's _extra_state.
+    modules = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
     assert sorted(load_shard(tmp_path / "ckpt", tp_rank=1, pp_rank=1, pp_size=2)["model"]) == sorted(
-        [f"layers.{n}.{s}" for n in (1, 2) for s in ("input_norm.weight", "attention.qkv.weight",
-                                                      "attention.dense.weight", "post_attention_norm.weight",
-                                                      "mlp.gate_up.weight", "mlp.down.weight")]
-        + ["final_norm.weight", "output_layer.weight"])
+        [f"decoder.layers.{n}.{s}" for n in (0, 1) for s in ("input_layernorm.weight", "pre_mlp_layernorm.weight",
+                                                              *(f"{m}.weight" for m in modules),
+                                                              *(f"{m}._extra_state" for m in modules))]
+        + ["decoder.final_layernorm.weight", "output_layer.weight", "output_layer._extra_state"])
     assert all(torch.equal(tensor, full[name]) for name, tensor in reader.state_dict().items())
     assert not list(tmp_path.glob("ckpt/*.tmp"))
 

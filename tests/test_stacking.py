@@ -8,23 +8,13 @@ from data_factory import random_documents, write_dataset
 from distributed_harness import run_distributed
 from fixtures_text import load_tool
 
-from megagrow.checkpoint.reshard import (
-    CheckpointReader,
-    group_keys,
-    group_param_names,
-    reader_from_state_dict,
-    save_sharded,
-)
+from megagrow.checkpoint.layout import checkpoint_layout, iteration_dir, load_shard, read_tracker
+from megagrow.checkpoint.optimizer_layout import adam_param_order
+from megagrow.checkpoint.reader import CheckpointReader, group_keys, group_param_names
+from megagrow.checkpoint.reshard import reader_from_state_dict, save_sharded
 from megagrow.checkpoint.tp_layout import full_shape
 from megagrow.config import ModelConfig
 from megagrow.growth import GrowthSpec, grow
-from megagrow.growth.run_state import adam_param_order
-from megagrow.training.checkpointing import (
-    checkpoint_layout,
-    iteration_dir,
-    load_shard,
-    read_tracker,
-)
 from trainer_runs import trainer_from_flags
 
 stack = load_tool("stack_checkpoint").main
@@ -64,11 +54,13 @@ def test_sharded_growth_equals_growing_the_full_state_dict(tmp_path, source, tar
     assert grown.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(grown[name], tensor), name
-    record = load_shard(tmp_path / "grown", tp_rank=target[0] - 1, pp_rank=target[1] - 1, pp_size=target[1])
+    file = load_shard(tmp_path / "grown", tp_rank=target[0] - 1, pp_rank=target[1] - 1, pp_size=target[1])
+    record = file["megagrow"]
     assert record["growth"]["operator"] == operator and record["growth"]["factor"] == 2
     assert (record["growth"]["source_iteration"], record["growth"]["source_num_layers"]) == (7, 2)
     assert record["growth"]["source"] == str((tmp_path / "base").resolve())
     assert "progress" not in record  # model only: training starts a new run from it
+    assert file["args"].num_layers == 4 and file["iteration"] == 7  # what Megatron-LM reads
 
 
 def _flags(data_prefix, tp, pp, iters, layers, extra=()):
@@ -104,15 +96,17 @@ def test_grown_checkpoint_trains_fresh_or_resuming(tmp_path, data_prefix):
 
     # With the run state and stacked Adam moments: resumes at the base's iteration.
     _stack(base, tmp_path / "resumed", 2, 1, 1, "--stack-optimizer-state")
-    shard = load_shard(tmp_path / "resumed")
-    names = [name for group in adam_param_order(shard["model"]) for name in group]
-    adam = shard["optimizer"]["optimizer"]["state"]
-    base_stage = load_shard(base, tp_rank=0, pp_rank=1, pp_size=2)  # layer 1 lives on the second base stage
-    base_names = [name for group in adam_param_order(base_stage["model"]) for name in group]
-    base_adam = base_stage["optimizer"]["optimizer"]["state"][base_names.index("layers.1.mlp.down.weight")]
-    for copy in ("layers.1.mlp.down.weight", "layers.3.mlp.down.weight"):
+    resumed = CheckpointReader(tmp_path / "resumed")
+    names = [name for group in adam_param_order(resumed.stage_model(0, 0)) for name in group]
+    adam = resumed.shard_file(0, 0)["megagrow"]["optimizer"]["optimizer"]["state"]
+    base_reader = CheckpointReader(base)
+    # Global layer 1 lives on the second base stage, where it is that stage's layer 0.
+    base_names = [name for group in adam_param_order(base_reader.stage_model(0, 1)) for name in group]
+    base_adam = base_reader.shard_file(0, 1)["megagrow"]["optimizer"]["optimizer"]["state"][
+        base_names.index("decoder.layers.0.mlp.linear_fc2.weight")]
+    for copy in ("decoder.layers.1.mlp.linear_fc2.weight", "decoder.layers.3.mlp.linear_fc2.weight"):
         assert torch.equal(adam[names.index(copy)]["exp_avg_sq"], base_adam["exp_avg_sq"])
-    assert shard["progress"]["iteration"] == 2
+    assert resumed.run_position().progress["iteration"] == 2 and resumed.common["iteration"] == 2
     start, losses = run_distributed(_train, 1, _flags(data_prefix, 1, 1, 4, 4, [*metrics, "--load",
                                                                                str(tmp_path / "resumed")]), 1)[0]
     assert start == 2 and [i for i, _ in losses] == [3, 4]

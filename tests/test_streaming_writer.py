@@ -4,6 +4,7 @@ record would, and growing a checkpoint holds one group of tensors at a time, nev
 import gc
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 from data_factory import random_documents, write_dataset
@@ -11,21 +12,17 @@ from distributed_harness import run_distributed
 from trainer_runs import trainer_from_flags
 
 from megagrow.checkpoint import streaming_writer
-from megagrow.checkpoint.reshard import (
-    CheckpointReader,
-    group_keys,
-    group_param_names,
-    reader_from_state_dict,
-    save_sharded,
-    stage_shard,
-)
+from megagrow.checkpoint.layout import load_shard, shard_path
+from megagrow.checkpoint.megatron_state import with_extra_states
+from megagrow.checkpoint.reader import CheckpointReader, group_keys, group_param_names
+from megagrow.checkpoint.reshard import reader_from_state_dict, save_sharded, stage_shard
+from megagrow.checkpoint.safe_load import load_file
 from megagrow.checkpoint.streaming_writer import ShardStream, write_in_memory, write_streamed
 from megagrow.checkpoint.tp_layout import full_shape
 from megagrow.config import ModelConfig
 from megagrow.growth import GrowthSpec, stacking
 from megagrow.growth.operators import grown_config
 from megagrow.growth.run_state import RunStateOptions, RunStateWriter
-from megagrow.training.checkpointing import load_shard, shard_path
 
 CONFIG = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4, num_query_groups=2,
                      vocab_size=50, seq_length=8, make_vocab_size_divisible_by=8)
@@ -36,6 +33,8 @@ def assert_same(a, b, where=()):
     assert type(a) is type(b), where
     if isinstance(a, torch.Tensor):
         assert (a.dtype, a.shape) == (b.dtype, b.shape) and torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):  # numpy's RNG state inside Megatron's rng_state record
+        assert a.dtype == b.dtype and np.array_equal(a, b), where
     elif isinstance(a, dict):
         assert list(a) == list(b), where
         for key in a:
@@ -155,7 +154,8 @@ def test_growing_holds_one_group_at_a_time_not_the_target_shard(tmp_path, monkey
     base = CheckpointReader(tmp_path / "base")
     read_grown = stacking.grown_layer_reader(base.read_group, base.config, spec)
     expected = stage_shard(grown.config, read_grown, range(8), tp=1, tp_rank=0, first=True, last=True)
-    assert_same(torch.load(shard_path(tmp_path / "grown", 3, 0, 0, 1), weights_only=True)["model"], expected)
+    written = load_file(shard_path(tmp_path / "grown", 3, 0, 0, 1))["model"]
+    assert_same(written, with_extra_states(expected, 8, True))
 
     # The check sees a whole shard held: building every group before writing (the former
     # writer's way) keeps them all alive at the first write.
@@ -191,11 +191,13 @@ def test_stacked_adam_state_streams_and_equals_the_in_memory_one(tmp_path, monke
     for tp_rank in range(2):
         model = stage_shard(grown, read_grown, range(4), tp=2, tp_rank=tp_rank, first=True, last=True)
         loaded = load_shard(tmp_path / "grown", tp_rank=tp_rank)
-        assert_same(loaded["model"], model)
-        expected = run_state.shard_state(model, tp_rank)
-        for key in ("progress", "scheduler", "rng", "optimizer"):
-            assert_same(loaded[key], expected[key], (key,))
-        assert loaded["optimizer"]["optimizer"]["state"]  # the moments were carried, not left fresh
+        assert_same(loaded["model"], with_extra_states(model, 4, True))
+        expected = run_state.shard_state(model, tp_rank, 0)
+        for key in ("progress", "scheduler", "optimizer"):
+            assert_same(loaded["megagrow"][key], expected[key], (key,))
+        assert_same(loaded["rng_state"], expected["rng"])
+        assert_same(loaded["opt_param_scheduler"], expected["opt_param_scheduler"])
+        assert loaded["megagrow"]["optimizer"]["optimizer"]["state"]  # the moments were carried, not left fresh
         shard_bytes.append(sum(t.nbytes for _, t in streaming_writer.walk_tensors(loaded)))
     # Moments and masters stream one parameter at a time: far below a shard (model + 3x optimizer).
     assert max(seen) < min(shard_bytes) / 2, (max(seen), shard_bytes)

@@ -41,7 +41,7 @@ def test_falls_back_to_eager_when_compile_is_unavailable(caplog, monkeypatch):
         model = LlamaModel(CONFIG, seed=1, force_torch_kernels=True, compile_mlp=True)
         tokens = torch.randint(0, CONFIG.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
         loss = model(tokens, labels=tokens)
-    assert all(layer.mlp.compile_gate for layer in model.layers.values())
+    assert all(layer.mlp.compile_gate for layer in model.decoder.layers)
     assert swiglu.swiglu_implementation(True) is swiglu.swiglu
     assert any("SwiGLU gate: eager (torch.compile does not support" in r.message for r in caplog.records)
     torch.testing.assert_close(loss, reference(tokens, labels=tokens), rtol=0, atol=0)

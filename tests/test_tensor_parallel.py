@@ -44,7 +44,7 @@ def _full_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, param in model.named_parameters():
         weight, grad = gather_full(param, param), gather_full(param.grad, param)
-        if name in ("embedding.weight", "output_layer.weight"):
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             weight, grad = weight[:CONFIG.vocab_size], grad[:CONFIG.vocab_size]
         out[name], out[f"{name}.grad"] = weight, grad
     return out
@@ -168,5 +168,5 @@ def test_block_sharding_round_trips(blocks, tp, dim):
 def test_vocabulary_padding_rows_start_at_zero():
     model = LlamaModel(CONFIG, seed=1, force_torch_kernels=True)
     assert model.padded_vocab_size == 104
-    for weight in (model.embedding.weight, model.output_layer.weight):
+    for weight in (model.embedding.word_embeddings.weight, model.output_layer.weight):
         assert torch.all(weight[CONFIG.vocab_size:] == 0) and torch.all(weight[:CONFIG.vocab_size].abs().sum(1) > 0)

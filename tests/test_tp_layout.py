@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from distributed_harness import run_distributed
-from megagrow.checkpoint.tp_layout import full_shape, merge_from_tp, padded_vocab, split_for_tp, tp_split
+from megagrow.checkpoint.tp_layout import (
+    full_shape,
+    interleave_qkv,
+    merge_from_tp,
+    padded_vocab,
+    split_for_tp,
+    split_qkv,
+    tp_split,
+)
 from megagrow.config import ModelConfig
 from megagrow.errors import UserError
 from megagrow.model.llama import LlamaModel
@@ -29,7 +37,7 @@ def _model_state(config: ModelConfig, tp: int) -> dict:
 
 def _full_state(config: ModelConfig) -> dict:
     full = _model_state(config, 1)["state"]
-    for name in ("embedding.weight", "output_layer.weight"):
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         full[name] = full[name][:config.vocab_size]
     return full
 
@@ -60,29 +68,50 @@ def test_split_then_merge_is_identity_with_zero_vocab_padding(tp):
         shards = split_for_tp(name, full, CONFIG, tp)
         assert len(shards) == tp
         assert torch.equal(merge_from_tp(name, shards, CONFIG), full), name
-    shards = split_for_tp("embedding.weight", _full_state(CONFIG)["embedding.weight"], CONFIG, tp)
+    name = "embedding.word_embeddings.weight"
+    shards = split_for_tp(name, _full_state(CONFIG)[name], CONFIG, tp)
     padded = torch.cat(shards)
     assert padded.size(0) == padded_vocab(CONFIG, tp) == 8 * tp * -(-50 // (8 * tp))
     assert not padded[CONFIG.vocab_size:].any()
 
 
-def test_fused_blocks_are_sharded_on_their_own():
-    # Rank r holds its query heads' rows, then its kv heads' rows of Wk, then of Wv.
-    d, name = CONFIG.head_dim, "layers.0.attention.qkv.weight"
+def test_qkv_is_split_by_whole_query_groups_and_fc1_by_blocks():
+    # linear_qkv rows are grouped per query group (2 q heads, k, v): rank r holds whole groups.
+    d, name = CONFIG.head_dim, "decoder.layers.0.self_attention.linear_qkv.weight"
     full = torch.arange(8 * d, dtype=torch.float32)[:, None].expand(8 * d, CONFIG.hidden_size).clone()
     rank1 = split_for_tp(name, full, CONFIG, 2)[1][:, 0].long().tolist()
-    q, k, v = list(range(2 * d, 4 * d)), list(range(5 * d, 6 * d)), list(range(7 * d, 8 * d))
-    assert rank1 == q + k + v
+    assert rank1 == list(range(4 * d, 8 * d))
+    # linear_fc1 is [gate; up]: rank r holds its slice of the gate rows, then of the up rows.
+    name, ffn = "decoder.layers.0.mlp.linear_fc1.weight", CONFIG.ffn_hidden_size
+    full = torch.arange(2 * ffn, dtype=torch.float32)[:, None].expand(2 * ffn, CONFIG.hidden_size).clone()
+    rank1 = split_for_tp(name, full, CONFIG, 2)[1][:, 0].long().tolist()
+    assert rank1 == list(range(ffn // 2, ffn)) + list(range(ffn + ffn // 2, 2 * ffn))
+
+
+def test_qkv_interleaving_round_trips_and_groups_heads():
+    d, n_q, n_kv = CONFIG.head_dim, CONFIG.num_attention_heads, CONFIG.query_groups
+    q, k, v = (torch.randn(n * d, CONFIG.hidden_size) for n in (n_q, n_kv, n_kv))
+    qkv = interleave_qkv(q, k, v, CONFIG)
+    per_group = n_q // n_kv
+    # Group 1 holds query heads 2 and 3, then kv head 1's k and v rows.
+    group = qkv[(per_group + 2) * d:2 * (per_group + 2) * d]
+    assert torch.equal(group[:per_group * d], q[per_group * d:2 * per_group * d])
+    assert torch.equal(group[per_group * d:(per_group + 1) * d], k[d:2 * d])
+    assert torch.equal(group[(per_group + 1) * d:], v[d:2 * d])
+    assert all(torch.equal(a, b) for a, b in zip(split_qkv(qkv, CONFIG), (q, k, v)))
 
 
 def test_bad_shapes_and_splits_fail_with_one_line():
     full = _full_state(CONFIG)
     with pytest.raises(UserError, match="does not match the model config"):
-        split_for_tp("layers.0.mlp.down.weight", full["layers.0.mlp.down.weight"].t(), CONFIG, 2)
+        split_for_tp("decoder.layers.0.mlp.linear_fc2.weight", full["decoder.layers.0.mlp.linear_fc2.weight"].t(),
+                     CONFIG, 2)
     with pytest.raises(UserError, match="num_query_groups 2 is not divisible by tensor-parallel size 4"):
-        split_for_tp("layers.0.attention.qkv.weight", full["layers.0.attention.qkv.weight"], CONFIG, 4)
-    shards = split_for_tp("layers.1.mlp.gate_up.weight", full["layers.1.mlp.gate_up.weight"], CONFIG, 2)
+        qkv = "decoder.layers.0.self_attention.linear_qkv.weight"
+        split_for_tp(qkv, full[qkv], CONFIG, 4)
+    fc1 = "decoder.layers.1.mlp.linear_fc1.weight"
+    shards = split_for_tp(fc1, full[fc1], CONFIG, 2)
     with pytest.raises(UserError, match="tp rank 1 holds 40 channels"):
-        merge_from_tp("layers.1.mlp.gate_up.weight", [shards[0], shards[1][:40]], CONFIG)
+        merge_from_tp(fc1, [shards[0], shards[1][:40]], CONFIG)
     with pytest.raises(UserError, match="unknown parameter"):
-        tp_split("layers.0.attention.bias", CONFIG)
+        tp_split("decoder.layers.0.self_attention.linear_qkv.bias", CONFIG)

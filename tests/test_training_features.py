@@ -25,7 +25,7 @@ def _train(flags, world=1, poison_iterations=()):
             def poison(_module, _inputs, output):
                 # The iteration being computed is progress.iteration + 1.
                 return output * float("nan") if trainer.progress.iteration + 1 in poison_iterations else output
-            next(iter(trainer.model.layers.values())).register_forward_hook(poison)
+            trainer.model.decoder.layers[0].register_forward_hook(poison)
         trainer.run()
         masters = [f.master.dtype for f in trainer.optimization.optimizer.fragments]
         return trainer.losses, trainer.progress, masters, [p.dtype for p in trainer.model.parameters()]

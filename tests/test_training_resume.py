@@ -11,7 +11,7 @@ import pytest
 from data_factory import random_documents, write_dataset
 from distributed_harness import run_distributed
 from megagrow.errors import UserError
-from megagrow.training.checkpointing import read_tracker
+from megagrow.checkpoint.layout import read_tracker
 from megagrow.training.metrics import read_metrics
 from trainer_runs import trainer_from_flags
 

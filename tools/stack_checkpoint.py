@@ -1,7 +1,10 @@
 """Grow a trained checkpoint in depth (G_stack by default) into a checkpoint of any tp/pp layout.
 
     python tools/stack_checkpoint.py --load base_ckpt --save grown_ckpt --growth-factor 4 \\
-        --target-tensor-parallel-size 2 --target-pipeline-parallel-size 4
+        --target-tensor-parallel-size 2 --target-pipeline-parallel-size 4 [--ckpt-format torch_dist]
+
+--load takes megagrow's checkpoints and Megatron-LM's (torch or torch_dist, any layout); the
+grown checkpoint is written in Megatron-LM's format, so Megatron-LM trains it too.
 
 The grown model has factor x the base's layers: with depth:stack, layers 0..L-1 repeated
 factor times; embedding, final norm and head are copied. Every shard records the growth
@@ -21,7 +24,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from megagrow.checkpoint.reshard import CheckpointReader
+from megagrow.checkpoint.layout import CKPT_FORMATS, TORCH, parse_iteration
+from megagrow.checkpoint.reader import CheckpointReader
 from megagrow.errors import exit_on_user_error, positive_int
 from megagrow.growth.depth import LAYOUTS
 from megagrow.growth.operators import DEPTH, OPERATORS, GrowthSpec
@@ -36,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--load", required=True, metavar="DIR", help="base checkpoint (any tp/pp layout)")
     parser.add_argument("--save", required=True, metavar="DIR", help="new directory for the grown checkpoint")
-    parser.add_argument("--iteration", type=int, help="base iteration to grow (default: the latest)")
+    parser.add_argument("--iteration", help="base iteration to grow, or 'release' (default: the latest)")
     parser.add_argument("--growth-factor", type=int, default=4, metavar="G", help="layers x G (default 4)")
     depth_operators = [name for name, op in OPERATORS.items() if op.dimension == DEPTH]
     parser.add_argument("--operator", choices=depth_operators, default="depth:stack",
@@ -53,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="keep the base run's progress, LR schedule and RNG, with a fresh optimizer")
     parser.add_argument("--stack-optimizer-state", action="store_true",
                         help="carry the run state and stack the Adam moments like the weights")
+    parser.add_argument("--ckpt-format", choices=CKPT_FORMATS, default=TORCH,
+                        help="format to write: torch (per-rank files) or torch_dist (default torch)")
     parser.add_argument("--no-progress-bar", action="store_true")
     return parser.parse_args(argv)
 
@@ -65,10 +71,10 @@ def main(argv: list[str] | None = None) -> Path:
     run_state = None
     if args.carry_run_state or args.stack_optimizer_state:
         run_state = RunStateOptions(stack_optimizer_state=args.stack_optimizer_state)
-    path = stack_checkpoint(args.load, args.save, spec, iteration=args.iteration,
+    path = stack_checkpoint(args.load, args.save, spec, iteration=parse_iteration(args.iteration),
                             tp=args.target_tensor_parallel_size, pp=args.target_pipeline_parallel_size,
                             layers_per_stage=args.pipeline_layer_split, run_state=run_state,
-                            progress=not args.no_progress_bar)
+                            progress=not args.no_progress_bar, ckpt_format=args.ckpt_format)
     layers = CheckpointReader(args.save).config.num_layers
     print(f"wrote {path}: {layers} layers; train it with pretrain_gpt.py --load {args.save} --num-layers {layers} "
           f"and the base run's other model flags")

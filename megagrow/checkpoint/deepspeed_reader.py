@@ -12,11 +12,11 @@ mp = pp_rank * tp + tp_rank (megagrow.parallel.state.mp_rank):
 megagrow's DeepSpeed backend also gathers ZeRO-3 weights at save time into a plain state
 dict per model-parallel rank (megagrow_model_mp_rank_MM.pt), which is read when present;
 otherwise ZeRO-3 weights are rebuilt from the fp32 master partitions. ZeRO 0-2 weights
-come from the module weights (in the training dtype). The run's megagrow config travels in the
-client state ("config"). Optimizer files hold a DeepSpeed enum and loss-scaler objects, so
-they are loaded with weights_only and those plain classes allowed; anything else is refused
-(some Python versions pickle the enum through getattr, which is refused too: such
-checkpoints need the gathered file).
+come from the module weights (in the training dtype), whose layers each stage numbers from 0.
+The run's megagrow record travels in the client state. Every file is read through
+safe_load (DeepSpeed's enum and loss-scaler records become plain stand-ins); anything else
+is refused (some Python versions pickle the enum through getattr, which is refused too:
+such checkpoints need the gathered file).
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ from pathlib import Path
 
 import torch
 
-from megagrow.checkpoint.reshard import model_config_from_record
+from megagrow.checkpoint import names
+from megagrow.checkpoint.megatron_state import MEGAGROW_KEY
+from megagrow.checkpoint.reader import config_of
+from megagrow.checkpoint.safe_load import load_file
 from megagrow.checkpoint.tp_layout import merge_from_tp
 from megagrow.config import ModelConfig
 from megagrow.errors import UserError
@@ -37,20 +40,7 @@ _MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states
 
 
 def _load(path: Path) -> dict:
-    safe = []
-    try:  # plain data classes DeepSpeed pickles into its files; allowing them runs no code
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-
-        safe += [ZeroStageEnum, LossScaler, DynamicLossScaler]
-    except ImportError:
-        pass
-    try:
-        with torch.serialization.safe_globals(safe):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling problem ends in one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: cannot be loaded safely ({first[:160]}); is it a DeepSpeed checkpoint from megagrow?") from None
+    return load_file(path, mmap=True)
 
 
 def latest_tag(root: str | os.PathLike) -> str:
@@ -75,16 +65,16 @@ def read_deepspeed_checkpoint(root: str | os.PathLike, tag: str | None = None) -
     if not files:
         raise UserError(f"{directory}: no *model_states.pt files; not a DeepSpeed checkpoint")
     first = _load(next(iter(files[min(files)].values())))
-    record = first.get("config")
-    if not record:
-        raise UserError(f"{directory}: no megagrow config in the client state; only checkpoints written by "
+    record = first.get(MEGAGROW_KEY)
+    if not isinstance(record, dict) or "config" not in record:
+        raise UserError(f"{directory}: no megagrow record in the client state; only checkpoints written by "
                         f"pretrain_gpt.py --deepspeed can be converted")
-    config = model_config_from_record(first, str(directory))
-    tp, pp = record["parallel"]["tp"], record["parallel"]["pp"]
+    config = config_of(first, str(directory))
+    tp, pp = record["config"]["parallel"]["tp"], record["config"]["parallel"]["pp"]
     if sorted(files) != list(range(tp * pp)):
         raise UserError(f"{directory}: model-parallel ranks {sorted(files)} do not match tp={tp} x pp={pp}; "
                         f"the checkpoint is incomplete")
-    iteration = int(first.get("progress", {}).get("iteration", 0))
+    iteration = int(record.get("progress", {}).get("iteration", 0))
     shards = {mp: _mp_rank_weights(directory, mp, files[mp]) for mp in range(tp * pp)}
     return config, _merge(shards, config, tp, pp), iteration
 
@@ -129,11 +119,17 @@ def _mp_rank_weights(directory: Path, mp: int, by_dp: dict[int, Path]) -> dict[s
 
 
 def _merge(shards: dict[int, dict[str, torch.Tensor]], config: ModelConfig, tp: int, pp: int) -> dict[str, torch.Tensor]:
-    full = {}
+    full, offset = {}, 0
     for stage in range(pp):
-        names = shards[stage * tp].keys()
-        for name in names:
-            if name == "output_layer.weight" and config.tie_embeddings:
+        stage_shards = [shards[stage * tp + t] for t in range(tp)]
+        layers = set()
+        for name in stage_shards[0]:
+            if name == names.OUTPUT_LAYER and config.tie_embeddings:
                 continue  # the last stage's copy of the tied embedding
-            full[name] = merge_from_tp(name, [shards[stage * tp + t][name] for t in range(tp)], config)
+            parsed = names.split_layer_name(name)
+            if parsed is not None:
+                layers.add(parsed[0])
+            global_name = names.renumber_layers({name: None}, offset).popitem()[0]
+            full[global_name] = merge_from_tp(global_name, [shard[name] for shard in stage_shards], config)
+        offset += len(layers)
     return full

@@ -2,19 +2,20 @@
 
 Names (N = layer number; HF prefixes `model.` except for the head):
 
-    embedding.weight                  model.embed_tokens.weight
-    layers.N.input_norm.weight        model.layers.N.input_layernorm.weight
-    layers.N.attention.qkv.weight     [q_proj; k_proj; v_proj] of model.layers.N.self_attn
-    layers.N.attention.dense.weight   model.layers.N.self_attn.o_proj.weight
-    layers.N.post_attention_norm.weight  model.layers.N.post_attention_layernorm.weight
-    layers.N.mlp.gate_up.weight       [gate_proj; up_proj] of model.layers.N.mlp
-    layers.N.mlp.down.weight          model.layers.N.mlp.down_proj.weight
-    final_norm.weight                 model.norm.weight
-    output_layer.weight               lm_head.weight (absent when the embeddings are tied)
+    embedding.word_embeddings.weight                   model.embed_tokens.weight
+    decoder.layers.N.input_layernorm.weight            model.layers.N.input_layernorm.weight
+    decoder.layers.N.self_attention.linear_qkv.weight  q_proj, k_proj, v_proj of model.layers.N.self_attn,
+                                                       rows regrouped per query group
+    decoder.layers.N.self_attention.linear_proj.weight model.layers.N.self_attn.o_proj.weight
+    decoder.layers.N.pre_mlp_layernorm.weight          model.layers.N.post_attention_layernorm.weight
+    decoder.layers.N.mlp.linear_fc1.weight             [gate_proj; up_proj] of model.layers.N.mlp
+    decoder.layers.N.mlp.linear_fc2.weight             model.layers.N.mlp.down_proj.weight
+    decoder.final_layernorm.weight                     model.norm.weight
+    output_layer.weight                                lm_head.weight (absent when the embeddings are tied)
 
-The fused matrices stack HF's matrices unchanged (the block sizes are those of
-megagrow.checkpoint.tp_layout), query head i reads kv head i // (heads / kv_heads) in both
-codebases, and both use rotate-half RoPE: no row permutation is needed. Weights are read
+linear_qkv interleaves HF's q, k and v rows per query group (tp_layout.interleave_qkv);
+within a head the rows are HF's, since query head i reads kv head i // (heads / kv_heads) in
+both codebases and both use rotate-half RoPE. linear_fc1 stacks gate_proj and up_proj. Weights are read
 and written as safetensors only, which cannot carry code. An HF model that megagrow cannot
 represent exactly (scaled RoPE, biases, a decoupled head_dim) is refused, not approximated.
 """
@@ -30,8 +31,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from megagrow.checkpoint.reshard import Group, GroupReader, group_keys, group_param_names
-from megagrow.checkpoint.tp_layout import parse_layer_param, tp_split
+from megagrow.checkpoint import names as megatron_names
+from megagrow.checkpoint.reader import Group, GroupReader, group_keys, group_param_names
+from megagrow.checkpoint.tp_layout import interleave_qkv, parse_layer_param, split_qkv, tp_split
 from megagrow.config import ModelConfig
 from megagrow.errors import UserError
 
@@ -41,17 +43,17 @@ SAFETENSORS_INDEX_FILENAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 _LAYER_NAMES = {
-    "input_norm.weight": ("input_layernorm.weight",),
-    "attention.qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-    "attention.dense.weight": ("self_attn.o_proj.weight",),
-    "post_attention_norm.weight": ("post_attention_layernorm.weight",),
-    "mlp.gate_up.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
-    "mlp.down.weight": ("mlp.down_proj.weight",),
+    megatron_names.INPUT_NORM: ("input_layernorm.weight",),
+    megatron_names.QKV: ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    megatron_names.PROJ: ("self_attn.o_proj.weight",),
+    megatron_names.PRE_MLP_NORM: ("post_attention_layernorm.weight",),
+    megatron_names.FC1: ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    megatron_names.FC2: ("mlp.down_proj.weight",),
 }
 _GLOBAL_NAMES = {
-    "embedding.weight": ("model.embed_tokens.weight",),
-    "final_norm.weight": ("model.norm.weight",),
-    "output_layer.weight": ("lm_head.weight",),
+    megatron_names.EMBEDDING: ("model.embed_tokens.weight",),
+    megatron_names.FINAL_NORM: ("model.norm.weight",),
+    megatron_names.OUTPUT_LAYER: ("lm_head.weight",),
 }
 _REQUIRED_HF_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -65,10 +67,8 @@ def hf_names(name: str, config: ModelConfig) -> tuple[str, ...]:
     return tuple(f"model.layers.{layer}.{hf_suffix}" for hf_suffix in _LAYER_NAMES[suffix])
 
 
-def _stacked_sizes(name: str, config: ModelConfig) -> tuple[int, ...]:
-    # Fused parameters split along their tp blocks, which are exactly the HF matrices.
-    split = tp_split(name, config)
-    return split.block_sizes if len(hf_names(name, config)) > 1 else ()
+def _is_qkv(name: str) -> bool:
+    return name.endswith(megatron_names.QKV)
 
 
 def to_hf_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -76,7 +76,12 @@ def to_hf_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict
     converted = {}
     for name, full in tensors.items():
         names = hf_names(name, config)
-        pieces = full.split(list(_stacked_sizes(name, config))) if len(names) > 1 else (full,)
+        if _is_qkv(name):
+            pieces = split_qkv(full, config)
+        elif len(names) > 1:  # linear_fc1: [gate; up], its tp blocks
+            pieces = full.split(list(tp_split(name, config).block_sizes))
+        else:
+            pieces = (full,)
         # Own storage for each: safetensors refuses tensors that share memory.
         converted.update({hf_name: piece.contiguous().clone() for hf_name, piece in zip(names, pieces)})
     return converted
@@ -224,7 +229,10 @@ class HFCheckpointReader:
         tensors = {}
         for name in group_param_names(group, self.config):
             pieces = [self._tensor(hf_name) for hf_name in hf_names(name, self.config)]
-            tensors[name] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            if _is_qkv(name):
+                tensors[name] = interleave_qkv(*pieces, self.config)
+            else:
+                tensors[name] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         return tensors
 
 

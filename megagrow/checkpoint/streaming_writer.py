@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from megagrow.checkpoint.safe_load import plain_globals
+
 # Where a tensor sits in a record: the keys and list indices leading to it.
 KeyPath = tuple[Any, ...]
 # One group of tensors of a record, by where they go.
@@ -145,7 +147,8 @@ def write_tensor(writer: _Writer, path: KeyPath, tensor: torch.Tensor) -> None:
 
 def _storage_offsets(path: Path, record: dict) -> dict[KeyPath, int] | None:
     """Byte offset in the file of each tensor's storage; None where this torch does not report them."""
-    loaded = torch.load(path, map_location="meta", weights_only=True)
+    with plain_globals():  # our own record: Megatron's args Namespace is its one non-torch class
+        loaded = torch.load(path, map_location="meta", weights_only=True)
     offsets = {}
     for key_path, _ in walk_tensors(record):
         offset = getattr(_lookup(loaded, key_path).untyped_storage(), "_checkpoint_offset", None)

@@ -30,7 +30,7 @@ from megagrow.errors import UserError
 from megagrow.growth.operators import GrowthSpec, grown_config
 from megagrow.growth.run_state import RunStateOptions
 from megagrow.growth.stacking import stack_checkpoint
-from megagrow.training.checkpointing import read_tracker
+from megagrow.checkpoint.layout import read_tracker
 from megagrow.training.trainer import Trainer, resolve_train_iters
 
 logger = logging.getLogger("megagrow.training")

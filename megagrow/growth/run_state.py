@@ -1,8 +1,9 @@
 """The base run's state carried into a grown checkpoint, so training resumes with the grown model.
 
-A grown shard with run state holds, besides model and config, what checkpoint_state.load
-restores on a resume: `progress` (iteration, consumed samples), `scheduler` (LR schedule
-position), `rng` and `optimizer` in MixedPrecisionOptimizer.state_dict's form:
+A grown shard with run state holds, besides the model, what training restores on a resume:
+the base's progress (iteration, consumed samples; also Megatron's `args.consumed_train_samples`
+and `iteration`), LR schedule position (megagrow's and Megatron's records), RNG record, and
+in its megagrow record an optimizer state in MixedPrecisionOptimizer.state_dict's form:
 
     optimizer.optimizer   torch AdamW state_dict over the stage's fragments: one param group
                           per weight-decay choice (matrices, then vectors), each listing its
@@ -14,8 +15,9 @@ position), `rng` and `optimizer` in MixedPrecisionOptimizer.state_dict's form:
 The optimizer is fresh (no Adam state: moments start at zero, as in a new run) unless
 `stack_optimizer_state`, which gives every grown parameter the Adam moments, step count and
 fp32 master of the base parameter it was copied from — G_stack applied to the optimizer.
-Only the layout of the non-distributed optimizer is written; a grown checkpoint with run
-state loads in runs without --use-distributed-optimizer and without --deepspeed.
+Only the layout of megagrow's non-distributed optimizer is written; a grown checkpoint with
+run state loads in runs without --use-distributed-optimizer and without --deepspeed. A
+Megatron-LM base carries its progress, LR schedule and RNG; its optimizer state is not read.
 """
 
 from __future__ import annotations
@@ -24,21 +26,15 @@ from dataclasses import dataclass
 
 import torch
 
-from megagrow.checkpoint.reshard import CheckpointReader
-from megagrow.checkpoint.tp_layout import (
-    layer_param_name,
-    merge_from_tp,
-    parse_layer_param,
-    split_for_tp,
-)
+from megagrow.checkpoint import names
+from megagrow.checkpoint.megatron_state import MEGAGROW_KEY
+from megagrow.checkpoint.optimizer_layout import ADAM_MOMENTS, adam_param_order, uses_weight_decay
+from megagrow.checkpoint.reader import MEGAGROW, CheckpointReader
+from megagrow.checkpoint.tp_layout import merge_from_tp, split_for_tp
 from megagrow.config import ModelConfig
 from megagrow.errors import UserError
 from megagrow.growth.operators import GrowthSpec, layer_sources
 from megagrow.growth.tensors import DIRECT, EMBEDDING, OUTPUT_LAYER
-from megagrow.training.checkpointing import shard_path
-from megagrow.training.optimizer import uses_weight_decay
-
-ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 @dataclass(frozen=True)
@@ -49,23 +45,15 @@ class RunStateOptions:
     stack_optimizer_state: bool = False
 
 
-def adam_param_order(model: dict[str, torch.Tensor]) -> list[list[str]]:
-    """A stage's parameter names as its AdamW state indexes them: per param group, in index order."""
-    fragments = list(reversed(list(model)))  # the reducer buckets parameters in reverse order
-    decayed = [name for name in fragments if uses_weight_decay(model[name])]
-    not_decayed = [name for name in fragments if not uses_weight_decay(model[name])]
-    return [group for group in (decayed, not_decayed) if group]
-
-
 class _BaseStage:
-    """The optimizer state of one base shard, by parameter name."""
+    """The optimizer state of one base shard, by (global) parameter name."""
 
-    def __init__(self, shard: dict, where: str):
-        saved = shard.get("optimizer")
+    def __init__(self, shard: dict, model: dict[str, torch.Tensor], layer_offset: int, where: str):
+        self.layer_offset = layer_offset
+        saved = shard.get(MEGAGROW_KEY, {}).get("optimizer")
         if saved is None:
-            raise UserError(f"{where}: no optimizer state in the shard (saved with --use-distributed-optimizer or "
-                            f"DeepSpeed?); carrying the run state needs the native non-distributed optimizer's")
-        model = shard["model"]
+            raise UserError(f"{where}: no optimizer state in the shard (saved with --use-distributed-optimizer, "
+                            f"--no-save-optim or DeepSpeed?); stacking it needs megagrow's non-distributed optimizer's")
         groups = adam_param_order(model)
         saved_groups = saved["optimizer"]["param_groups"]
         if [len(names) for names in groups] != [len(group["params"]) for group in saved_groups]:
@@ -90,30 +78,41 @@ class RunStateWriter:
             raise UserError(f"--stack-optimizer-state needs every grown layer to copy a base layer "
                             f"(depth:stack or depth:interpolate), not {spec.operator}")
         self.sources = layer_sources(spec, reader.config.num_layers)
-        # Memory-mapped like the reader's: moments are paged in one parameter at a time.
-        shards = {(t, p): torch.load(shard_path(reader.root, reader.iteration, t, p, reader.pp), map_location="cpu",
-                                     weights_only=True, mmap=True)
-                  for p in range(reader.pp) for t in range(reader.tp)}
-        first = shards[0, 0]
-        where = str(shard_path(reader.root, reader.iteration, 0, 0, reader.pp).parent)
-        if "progress" not in first:
-            raise UserError(f"{where}: the base checkpoint holds a model only (exported or converted), no run state "
-                            f"to carry over; grow it without run state")
-        self.progress, self.scheduler, self.rng = first["progress"], first["scheduler"], first["rng"]
-        # base parameter name -> [its optimizer state on tp rank 0, 1, ...]
+        position = reader.run_position()
+        if position is None:
+            raise UserError(f"{reader.directory}: the base checkpoint holds a model only (exported or converted), no "
+                            f"run state to carry over; grow it without run state")
+        if options.stack_optimizer_state and (reader.origin != MEGAGROW or reader.format != "torch"):
+            raise UserError(f"{reader.directory}: --stack-optimizer-state reads megagrow's optimizer state from "
+                            f"torch-format shards; this checkpoint is {reader.origin}'s ({reader.format}): grow it "
+                            f"with --carry-run-state (fresh optimizer) instead")
+        self.position = position
+        common = reader.common
+        self.rng = common.get("rng_state")
+        self.opt_param_scheduler = common.get("opt_param_scheduler")
+        base_record = common.get(MEGAGROW_KEY, {})
+        self.scheduler = base_record.get("scheduler", {"num_steps": position.scheduler_steps or 0})
+        self.group_settings: dict[bool, dict] = {}
+        self.loss_scaler = None
+        # base parameter name (global numbering) -> [its optimizer state on tp rank 0, 1, ...]
         self.stages: dict[str, list[_BaseStage]] = {}
-        for p in range(reader.pp):
-            stage = [_BaseStage(shards[t, p], str(shard_path(reader.root, reader.iteration, t, p, reader.pp).parent))
-                     for t in range(reader.tp)]
-            for name in shards[0, p]["model"]:
-                self.stages.setdefault(name, stage)
-        self.group_settings = self.stages[EMBEDDING][0].group_settings
-        self.loss_scaler = self.stages[EMBEDDING][0].loss_scaler
+        self.fresh_from_megatron = reader.origin != MEGAGROW
+        if reader.origin == MEGAGROW and reader.format == "torch":
+            offset = 0
+            for p in range(reader.pp):
+                models = [reader.stage_model(t, p) for t in range(reader.tp)]
+                stage = [_BaseStage(reader.shard_file(t, p), models[t], offset, str(reader.shard_path(t, p).parent))
+                         for t in range(reader.tp)]
+                for name in names.renumber_layers(models[0], offset):
+                    self.stages.setdefault(name, stage)
+                offset += reader.layers_per_stage[p]
+            self.group_settings = self.stages[EMBEDDING][0].group_settings
+            self.loss_scaler = self.stages[EMBEDDING][0].loss_scaler
 
     def _base_name(self, name: str) -> str:
-        parsed = parse_layer_param(name)
+        parsed = names.split_layer_name(name)
         if parsed is not None:
-            return layer_param_name(self.sources[parsed[0]], parsed[1])
+            return names.layer_param_name(self.sources[parsed[0]], parsed[1])
         if name == OUTPUT_LAYER and self.base_config.tie_embeddings:
             return EMBEDDING  # a tied head's copy has the embedding's moments: their grads are summed
         return name
@@ -125,7 +124,7 @@ class RunStateWriter:
 
     def _adam_state(self, name: str, tp_rank: int) -> dict | None:
         base_name = self._base_name(name)
-        saved = [stage.state[base_name] for stage in self.stages[base_name]]
+        saved = [stage.state[self._local(base_name, stage)] for stage in self.stages[base_name]]
         if saved[0] is None:  # the base never stepped this parameter
             return None
         state = {"step": saved[0]["step"].clone()}
@@ -135,27 +134,38 @@ class RunStateWriter:
 
     def _master(self, name: str, tp_rank: int) -> torch.Tensor | None:
         base_name = self._base_name(name)
-        masters = [stage.masters[base_name] for stage in self.stages[base_name]]
+        masters = [stage.masters[self._local(base_name, stage)] for stage in self.stages[base_name]]
         return None if masters[0] is None else self._grown_shard(name, masters, tp_rank)
 
-    def optimizer_state(self, model: dict[str, torch.Tensor], tp_rank: int) -> dict:
-        """MixedPrecisionOptimizer.state_dict of the grown stage `model` (fresh, or with stacked moments)."""
+    @staticmethod
+    def _local(base_name: str, stage: "_BaseStage") -> str:
+        return names.renumber_layers({base_name: None}, -stage.layer_offset).popitem()[0]
+
+    def optimizer_state(self, model: dict[str, torch.Tensor], tp_rank: int, layer_offset: int = 0) -> dict:
+        """MixedPrecisionOptimizer.state_dict of the grown stage `model` (local names; fresh, or stacked moments)."""
         stack = self.options.stack_optimizer_state
         state, param_groups, index = {}, [], 0
-        for names in adam_param_order(model):
-            decays = uses_weight_decay(model[names[0]])
-            settings = self.group_settings.get(decays) or next(iter(self.group_settings.values()))
-            param_groups.append({**settings, "params": list(range(index, index + len(names)))})
-            for name in names:
-                adam = self._adam_state(name, tp_rank) if stack else None
+        for group in adam_param_order(model):
+            decays = uses_weight_decay(model[group[0]])
+            settings = self.group_settings.get(decays) or next(iter(self.group_settings.values()), {})
+            param_groups.append({**settings, "params": list(range(index, index + len(group)))})
+            for name in group:
+                adam = self._adam_state(self._global(name, layer_offset), tp_rank) if stack else None
                 if adam is not None:
                     state[index] = adam
                 index += 1
-        masters = [self._master(name, tp_rank) if stack else None for name in reversed(list(model))]
+        masters = [self._master(self._global(name, layer_offset), tp_rank) if stack else None
+                   for name in reversed(list(model))]
         return {"optimizer": {"state": state, "param_groups": param_groups}, "masters": masters,
                 "loss_scaler": self.loss_scaler}
 
-    def shard_state(self, model: dict[str, torch.Tensor], tp_rank: int) -> dict:
-        """The run-state entries of one grown shard."""
-        return {"progress": dict(self.progress), "scheduler": self.scheduler, "rng": self.rng,
-                "optimizer": self.optimizer_state(model, tp_rank)}
+    @staticmethod
+    def _global(name: str, layer_offset: int) -> str:
+        return names.renumber_layers({name: None}, layer_offset).popitem()[0]
+
+    def shard_state(self, model: dict[str, torch.Tensor], tp_rank: int, layer_offset: int) -> dict:
+        """The run-state entries of one grown shard: megagrow record parts and Megatron's records."""
+        # None: "start the optimizer afresh" (a Megatron-LM base has no megagrow optimizer to take settings from).
+        optimizer = None if self.fresh_from_megatron else self.optimizer_state(model, tp_rank, layer_offset)
+        return {"progress": dict(self.position.progress), "scheduler": self.scheduler, "rng": self.rng,
+                "opt_param_scheduler": self.opt_param_scheduler, "optimizer": optimizer}

@@ -31,32 +31,36 @@ from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import asdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from megagrow.checkpoint.layout import TORCH, TORCH_DIST, read_tracker
+from megagrow.checkpoint.megatron_args import build_args
+from megagrow.checkpoint.megatron_state import MEGAGROW_KEY, shard_file, with_extra_states
+from megagrow.checkpoint.reader import CheckpointReader, Group, GroupReader
 from megagrow.checkpoint.reshard import (
-    CheckpointReader,
-    Group,
-    GroupReader,
     as_meta,
+    common_state,
     model_fills,
-    shard_record,
+    model_only_file,
     stage_groups,
     stage_shard,
-    write_all_shards,
+    write_torch_dist,
+    write_torch_shards,
 )
 from megagrow.checkpoint.streaming_writer import Fill, ShardStream
 from megagrow.config import ModelConfig, ParallelConfig, validate_parallel
 from megagrow.errors import UserError
 from megagrow.growth.depth import grow_layer
 from megagrow.growth.operators import DEPTH, GrowthSpec, grown_config, layer_sources
-from megagrow.growth.run_state import ADAM_MOMENTS, RunStateOptions, RunStateWriter, adam_param_order
+from megagrow.checkpoint.optimizer_layout import ADAM_MOMENTS, adam_param_order
+from megagrow.growth.run_state import RunStateOptions, RunStateWriter
 from megagrow.growth.tensors import LAYER_TENSORS, layer_tensor_name
 from megagrow.parallel.pipeline import partition_layers
-from megagrow.training.checkpointing import read_tracker
 
 
 def grown_layer_reader(read_base: GroupReader, base: ModelConfig, spec: GrowthSpec) -> GroupReader:
@@ -89,6 +93,7 @@ def growth_record(spec: GrowthSpec, reader: CheckpointReader) -> dict:
         "seed": spec.seed,
         "source": str(reader.root.resolve()),
         "source_iteration": reader.iteration,
+        "source_format": f"{reader.origin} {reader.format}",
         "source_num_layers": reader.config.num_layers,
         "source_parallel": {"tp": reader.tp, "pp": reader.pp},
     }
@@ -97,8 +102,11 @@ def growth_record(spec: GrowthSpec, reader: CheckpointReader) -> dict:
 class StackedAdamStream:
     """A grown stage's stacked Adam state and fp32 masters, streamed one parameter at a time."""
 
-    def __init__(self, writer: RunStateWriter, model: dict[str, torch.Tensor], tp_rank: int):
-        self.writer, self.model, self.tp_rank = writer, model, tp_rank
+    # Where the optimizer record sits in a shard file.
+    PATH = (MEGAGROW_KEY, "optimizer")
+
+    def __init__(self, writer: RunStateWriter, model: dict[str, torch.Tensor], tp_rank: int, layer_offset: int):
+        self.writer, self.model, self.tp_rank, self.layer_offset = writer, model, tp_rank, layer_offset
         # Where RunStateWriter.optimizer_state puts each parameter: its AdamW index, its master slot.
         order = [name for names in adam_param_order(model) for name in names]
         self.index = {name: index for index, name in enumerate(order)}
@@ -106,7 +114,7 @@ class StackedAdamStream:
 
     def _state_of(self, name: str) -> tuple[dict | None, torch.Tensor | None]:
         # A one-parameter stage's optimizer state is that parameter's Adam state (index 0) and master.
-        state = self.writer.optimizer_state({name: self.model[name]}, self.tp_rank)
+        state = self.writer.optimizer_state({name: self.model[name]}, self.tp_rank, self.layer_offset)
         return state["optimizer"]["state"].get(0), state["masters"][0]
 
     def add_placeholders(self, optimizer: dict) -> None:
@@ -123,9 +131,9 @@ class StackedAdamStream:
         adam, master = self._state_of(name)
         fill = {}
         if adam is not None:
-            fill.update({("optimizer", "optimizer", "state", self.index[name], key): adam[key] for key in ADAM_MOMENTS})
+            fill.update({(*self.PATH, "optimizer", "state", self.index[name], key): adam[key] for key in ADAM_MOMENTS})
         if master is not None:
-            fill["optimizer", "masters", self.master_slot[name]] = master
+            fill[(*self.PATH, "masters", self.master_slot[name])] = master
         return fill
 
     def fills(self) -> Iterator[Fill]:
@@ -151,15 +159,33 @@ def _refuse_existing(save: Path, load: Path) -> None:
         raise UserError(f"--save {save} already holds a checkpoint; choose a new directory")
 
 
+def _grown_file(grown: ModelConfig, model: dict[str, torch.Tensor], *, tp: int, pp: int, layers: range, last: bool,
+                record: dict, iteration, run: dict | None) -> dict:
+    """The shard file of one grown stage: model-only, or carrying the base run's state."""
+    if run is None:
+        return model_only_file(grown, model, iteration=iteration, tp=tp, pp=pp, num_layers=len(layers),
+                               has_output_layer=last, extra={"growth": record})
+    progress = run["progress"]
+    args = build_args(grown, ParallelConfig(tp=tp, pp=pp), ckpt_format=TORCH,
+                      consumed_train_samples=progress["consumed_samples"])
+    megagrow = {"config": {"model": asdict(grown), "parallel": asdict(ParallelConfig(tp=tp, pp=pp))},
+                "growth": record, "progress": progress, "scheduler": run["scheduler"], "optimizer": run["optimizer"]}
+    return shard_file(with_extra_states(model, len(layers), last), args=args, iteration=progress["iteration"],
+                      megagrow=megagrow, rng=run["rng"], scheduler=run["opt_param_scheduler"])
+
+
 def stack_checkpoint(load: str | os.PathLike, save: str | os.PathLike, spec: GrowthSpec, *,
-                     iteration: int | None = None, tp: int | None = None, pp: int | None = None,
+                     iteration=None, tp: int | None = None, pp: int | None = None,
                      layers_per_stage: Sequence[int] | None = None, run_state: RunStateOptions | None = None,
-                     progress: bool = True) -> Path:
+                     progress: bool = True, ckpt_format: str = TORCH) -> Path:
     """Grow the checkpoint under `load` in depth by `spec` and write it under `save` (default: the source layout)."""
     load, save = Path(load), Path(save)
     if spec.growth_operator.dimension != DEPTH:
         raise UserError(f"{spec.operator}: sharded growth streams depth operators only; grow width on a full "
                         f"state dict with megagrow.growth.grow")
+    if ckpt_format == TORCH_DIST and run_state is not None:
+        raise UserError("--carry-run-state/--stack-optimizer-state write the torch format (per-rank files carry the "
+                        "optimizer state); drop --ckpt-format torch_dist, or grow the model only")
     _refuse_existing(save, load)
     reader = CheckpointReader(load, iteration)
     grown = grown_config(reader.config, spec)
@@ -175,23 +201,28 @@ def stack_checkpoint(load: str | os.PathLike, save: str | os.PathLike, spec: Gro
     bar = tqdm(total=tp * pp, desc=f"stacking x{spec.factor} into tp={tp} pp={pp}", unit="shard",
                disable=not progress)
 
-    def shards() -> Iterator[tuple[int, int, ShardStream]]:
-        for pp_rank, layers in enumerate(stages):
-            for tp_rank in range(tp):
-                where = {"tp": tp, "tp_rank": tp_rank, "first": pp_rank == 0, "last": pp_rank == pp - 1}
-                model = as_meta(stage_shard(grown, describe_grown, layers, **where))
-                shard = {**shard_record(grown, model, tp, pp), "growth": record}
-                fills = model_fills(stage_groups(grown, read_grown, layers, **where))
-                if layout_writer is not None:
-                    shard.update(layout_writer.shard_state(model, tp_rank))
-                if stack_moments:
-                    moments = StackedAdamStream(state_writer, model, tp_rank)
-                    moments.add_placeholders(shard["optimizer"])
-                    fills = itertools.chain(fills, moments.fills())
-                yield tp_rank, pp_rank, ShardStream(shard, fills)
-                bar.update()
+    def where(tp_rank: int, pp_rank: int) -> dict:
+        return {"tp": tp, "tp_rank": tp_rank, "first": pp_rank == 0, "last": pp_rank == pp - 1}
+
+    def shard(tp_rank: int, pp_rank: int) -> ShardStream:
+        layers = stages[pp_rank]
+        model = as_meta(stage_shard(grown, describe_grown, layers, **where(tp_rank, pp_rank)))
+        fills = model_fills(stage_groups(grown, read_grown, layers, **where(tp_rank, pp_rank)))
+        run = layout_writer.shard_state(model, tp_rank, layers.start) if layout_writer is not None else None
+        file = _grown_file(grown, model, tp=tp, pp=pp, layers=layers, last=pp_rank == pp - 1, record=record,
+                           iteration=reader.iteration, run=run)
+        if stack_moments:
+            moments = StackedAdamStream(state_writer, model, tp_rank, layers.start)
+            moments.add_placeholders(file[MEGAGROW_KEY]["optimizer"])
+            fills = itertools.chain(fills, moments.fills())
+        return ShardStream(file, fills)
 
     try:
-        return write_all_shards(save, reader.iteration, shards(), pp)
+        if ckpt_format == TORCH_DIST:
+            common = common_state(grown, iteration=reader.iteration, tp=tp, pp=pp, extra={"growth": record})
+            return write_torch_dist(save, reader.iteration, grown, stages, tp,
+                                    lambda t, p: stage_groups(grown, read_grown, stages[p], **where(t, p)), common,
+                                    on_written=bar.update)
+        return write_torch_shards(save, reader.iteration, pp, tp, shard, on_written=bar.update)
     finally:
         bar.close()

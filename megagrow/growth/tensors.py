@@ -1,17 +1,17 @@
 """Names, shapes and initial values of the tensors in a full (unsharded) Llama state dict.
 
 The growth operators work on the state dict of a tp=1, pp=1 LlamaModel, which is the full
-state dict of any layout:
+state dict of any layout (megatron-core's names, megagrow/checkpoint/names.py):
 
-    embedding.weight                        [padded_vocab, h]
-    layers.N.input_norm.weight              [h]
-    layers.N.attention.qkv.weight           [(n_q + 2 n_kv) d, h]   rows [Wq; Wk; Wv]
-    layers.N.attention.dense.weight         [h, n_q d]
-    layers.N.post_attention_norm.weight     [h]
-    layers.N.mlp.gate_up.weight             [2 ffn, h]              rows [W_gate; W_up]
-    layers.N.mlp.down.weight                [h, ffn]
-    final_norm.weight                       [h]
-    output_layer.weight                     [padded_vocab, h]       absent when tied
+    embedding.word_embeddings.weight                   [padded_vocab, h]
+    decoder.layers.N.input_layernorm.weight            [h]
+    decoder.layers.N.self_attention.linear_qkv.weight  [(n_q + 2 n_kv) d, h]  q, k, v rows per query group
+    decoder.layers.N.self_attention.linear_proj.weight [h, n_q d]
+    decoder.layers.N.pre_mlp_layernorm.weight          [h]
+    decoder.layers.N.mlp.linear_fc1.weight             [2 ffn, h]             rows [W_gate; W_up]
+    decoder.layers.N.mlp.linear_fc2.weight             [h, ffn]
+    decoder.final_layernorm.weight                     [h]
+    output_layer.weight                                [padded_vocab, h]      absent when tied
 
 `init_tensor` reproduces what LlamaModel(config, seed=seed) draws for one of these, so a
 new layer or a new slice made by a growth operator is exactly the model's own initialisation
@@ -21,30 +21,32 @@ new layer or a new slice made by a growth operator is exactly the model's own in
 from __future__ import annotations
 
 import math
-import re
 from typing import Sequence
 
 import torch
 
+from megagrow.checkpoint.names import (
+    EMBEDDING,
+    FC1,
+    FC2,
+    FINAL_NORM,
+    INPUT_NORM,
+    LAYER_SUFFIXES,
+    NORM_SUFFIXES,
+    OUTPUT_LAYER,
+    OUTPUT_PROJECTIONS,
+    PRE_MLP_NORM,
+    PROJ,
+    QKV,
+    layer_param_name,
+    split_layer_name,
+)
 from megagrow.config import ModelConfig
 from megagrow.errors import UserError
-from megagrow.model.llama import EMBEDDING_INIT_KEY
 from megagrow.parallel.layers import derive_seed, normal_init
 
-EMBEDDING = "embedding.weight"
-FINAL_NORM = "final_norm.weight"
-OUTPUT_LAYER = "output_layer.weight"
-
-INPUT_NORM = "input_norm.weight"
-QKV = "attention.qkv.weight"
-DENSE = "attention.dense.weight"
-POST_ATTENTION_NORM = "post_attention_norm.weight"
-GATE_UP = "mlp.gate_up.weight"
-DOWN = "mlp.down.weight"
-LAYER_TENSORS = (INPUT_NORM, QKV, DENSE, POST_ATTENTION_NORM, GATE_UP, DOWN)
-NORMS = (INPUT_NORM, POST_ATTENTION_NORM)
-# Projections that write into the residual stream; initialised with std / sqrt(2 * num_layers).
-OUTPUT_PROJECTIONS = (DENSE, DOWN)
+LAYER_TENSORS = LAYER_SUFFIXES
+NORMS = NORM_SUFFIXES
 
 # The paper's atomic operators, as rules for what the new tensors hold: copies or splits of
 # existing weights (G_direct), zeros where the function must be kept (G_zero), fresh draws
@@ -52,18 +54,7 @@ OUTPUT_PROJECTIONS = (DENSE, DOWN)
 DIRECT, ZERO, RANDOM = "direct", "zero", "random"
 FILLS = (DIRECT, ZERO, RANDOM)
 
-_LAYER_NAME = re.compile(r"^layers\.(\d+)\.(.+)$")
-
-
-def layer_tensor_name(layer: int, name: str) -> str:
-    """Full state-dict name of tensor `name` (e.g. 'mlp.down.weight') in layer `layer`."""
-    return f"layers.{layer}.{name}"
-
-
-def split_layer_name(full_name: str) -> tuple[int, str] | None:
-    """(layer number, name inside the layer) for a layer tensor; None for embedding, final norm and head."""
-    match = _LAYER_NAME.match(full_name)
-    return (int(match.group(1)), match.group(2)) if match else None
+layer_tensor_name = layer_param_name  # full state-dict name of tensor `name` in layer `layer`
 
 
 def layer_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -73,10 +64,10 @@ def layer_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {
         INPUT_NORM: (h,),
         QKV: ((n_q + 2 * n_kv) * d, h),
-        DENSE: (h, n_q * d),
-        POST_ATTENTION_NORM: (h,),
-        GATE_UP: (2 * ffn, h),
-        DOWN: (h, ffn),
+        PROJ: (h, n_q * d),
+        PRE_MLP_NORM: (h,),
+        FC1: (2 * ffn, h),
+        FC2: (h, ffn),
     }
 
 
@@ -91,7 +82,7 @@ def init_tensor(full_name: str, shape: Sequence[int], config: ModelConfig, seed:
     std = config.init_method_std
     if full_name in (EMBEDDING, OUTPUT_LAYER):
         # A tied head is drawn from the embedding's seed; padding rows past the vocabulary stay zero.
-        key = EMBEDDING_INIT_KEY if full_name == EMBEDDING or config.tie_embeddings else OUTPUT_LAYER
+        key = EMBEDDING if full_name == EMBEDDING or config.tie_embeddings else OUTPUT_LAYER
         tensor = torch.zeros(tuple(shape))
         normal_init(std, derive_seed(seed, key))(tensor[:config.vocab_size])
         return tensor

@@ -8,9 +8,10 @@ Scopes:
 
 Every grown axis is laid out block by block: a block of size s becomes one of size k*s whose
 first s positions are the old ones and whose position j reads old position j mod s. The
-blocks are the fused parts (the q, k, v heads of the qkv weight; gate and up of gate_up),
-so the grown tensors keep the layout the model and the tensor-parallel shards expect, and
-grouped-query attention stays consistent: new query head t*n_q + i reads key/value head
+blocks are the fused parts (the q, k, v heads of linear_qkv, grown as separate [Wq; Wk; Wv]
+blocks and regrouped per query group afterwards; gate and up of linear_fc1), so the grown
+tensors keep the layout the model and the tensor-parallel shards expect, and grouped-query
+attention stays consistent: new query head t*n_q + i reads key/value head
 (t*n_q + i) // (n_q/n_kv) = t*n_kv + i // (n_q/n_kv), the copy of the head old head i read.
 
 Fills (the paper's atomic operators; its width-wise G_direct is Net2Net / bert2BERT-style neuron
@@ -54,17 +55,18 @@ from typing import Mapping
 
 import torch
 
+from megagrow.checkpoint.tp_layout import interleave_qkv, split_qkv
 from megagrow.config import ModelConfig
 from megagrow.errors import UserError
 from megagrow.growth.tensors import (
-    DENSE,
     DIRECT,
-    DOWN,
     EMBEDDING,
+    FC1,
+    FC2,
     FILLS,
     FINAL_NORM,
-    GATE_UP,
     OUTPUT_LAYER,
+    PROJ,
     QKV,
     ZERO,
     check_state_dict,
@@ -75,7 +77,7 @@ from megagrow.growth.tensors import (
 FFN, ALL = "ffn", "all"
 SCOPES = (FFN, ALL)
 # Tensors that add into the residual stream: their new slices are zero under the zero fill.
-_RESIDUAL_WRITERS = (EMBEDDING, DENSE, DOWN)
+_RESIDUAL_WRITERS = (EMBEDDING, PROJ, FC2)
 
 
 @dataclass(frozen=True)
@@ -114,11 +116,11 @@ def _axes(local_name: str, rows: int, config: ModelConfig, scope: str) -> tuple[
         return _Axis((rows,)), _Axis((h,), grows=wide, fan_in=True)
     if local_name == QKV:
         return _Axis((n_q * d, n_kv * d, n_kv * d), grows=wide), _Axis((h,), grows=wide, fan_in=True)
-    if local_name == DENSE:
+    if local_name == PROJ:
         return _Axis((h,), grows=wide), _Axis((n_q * d,), grows=wide, fan_in=True)
-    if local_name == GATE_UP:
+    if local_name == FC1:
         return _Axis((ffn, ffn), grows=True), _Axis((h,), grows=wide, fan_in=True)
-    if local_name == DOWN:
+    if local_name == FC2:
         return _Axis((h,), grows=wide), _Axis((ffn,), grows=True, fan_in=True)
     raise KeyError(f"{local_name!r} is not a tensor of a Llama state dict")
 
@@ -137,6 +139,16 @@ def _source_index(axis: _Axis, factor: int) -> tuple[torch.Tensor, torch.Tensor]
     return torch.cat(sources), torch.cat(is_old)
 
 
+def _as_blocks(qkv: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    return torch.cat(split_qkv(qkv, config))  # per-group rows -> [Wq; Wk; Wv]
+
+
+def _as_groups(blocks: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    d = config.head_dim
+    q, k, v = blocks.split([config.num_attention_heads * d, config.query_groups * d, config.query_groups * d])
+    return interleave_qkv(q, k, v, config)
+
+
 def grow_width_tensor(name: str, tensor: torch.Tensor, config: ModelConfig, factor: int, scope: str, fill: str,
                       seed: int) -> torch.Tensor:
     """One tensor of a full state dict grown in width; `config` is the model before growth."""
@@ -144,6 +156,15 @@ def grow_width_tensor(name: str, tensor: torch.Tensor, config: ModelConfig, fact
         raise ValueError(f"unknown fill {fill!r}")
     split = split_layer_name(name)
     local_name = name if split is None else split[1]
+    if local_name == QKV and scope == ALL:
+        # The q, k and v heads grow as three blocks; the per-group row order is restored after.
+        grown = _grow_width(name, _as_blocks(tensor, config), local_name, config, factor, scope, fill, seed)
+        return _as_groups(grown, grown_width_config(config, factor, scope))
+    return _grow_width(name, tensor, local_name, config, factor, scope, fill, seed)
+
+
+def _grow_width(name: str, tensor: torch.Tensor, local_name: str, config: ModelConfig, factor: int, scope: str,
+                fill: str, seed: int) -> torch.Tensor:
     axes = _axes(local_name, tensor.shape[0], config, scope)
     if not any(axis.grows for axis in axes):
         return tensor.clone()
@@ -168,6 +189,8 @@ def grow_width_tensor(name: str, tensor: torch.Tensor, config: ModelConfig, fact
         grown = torch.zeros(shape)
     else:
         grown = init_tensor(name, shape, grown_config, seed)
+        if local_name == QKV:
+            grown = _as_blocks(grown, grown_config)  # the model's draw, in the block order used here
     old_positions = [is_old.nonzero().squeeze(1) for _, is_old in indices]
     if len(shape) == 1:
         grown[old_positions[0]] = tensor.float()

@@ -1,16 +1,16 @@
 """Causal grouped-query self-attention with heads split over tensor-parallel ranks.
 
-Fused QKV layout. The projection is one ColumnParallelLinear whose output stacks three
-blocks, each sharded over tp on its own (see megagrow.parallel.layers):
+Fused QKV layout, megatron-core's (`linear_qkv`): the rows are grouped per query group g
+(one kv head and the n_q/n_kv query heads that read it), each group holding its query heads,
+then its key head, then its value head:
 
-    full weight   [Wq; Wk; Wv]   shapes [n_q*d, h], [n_kv*d, h], [n_kv*d, h]
-    rank r holds  [Wq rows of query heads r*n_q/t .. (r+1)*n_q/t - 1;
-                   Wk rows of kv heads    r*n_kv/t .. (r+1)*n_kv/t - 1;
-                   Wv rows of the same kv heads]
+    full weight   [q heads of g=0; k_0; v_0; q heads of g=1; k_1; v_1; ...]   [(n_q + 2 n_kv) d, h]
+    rank r holds  the groups r*n_kv/t .. (r+1)*n_kv/t - 1, i.e. a plain contiguous slice of rows
 
-Heads are numbered as in HF Llama (query head i reads kv head i // (n_q/n_kv)), so Wq, Wk,
-Wv are HF's q_proj, k_proj, v_proj unchanged and a rank's query heads read exactly the kv
-heads it holds. Both n_q and n_kv must be divisible by tp; kv heads are never replicated.
+Query head i belongs to group i // (n_q/n_kv), as in HF Llama, so a rank's query heads read
+exactly the kv heads it holds, and HF's q_proj/k_proj/v_proj map onto the groups by
+interleaving rows (megagrow.checkpoint.tp_layout). Both n_q and n_kv must be divisible by tp;
+kv heads are never replicated. Names follow megatron-core: `linear_qkv`, `linear_proj`.
 """
 
 from __future__ import annotations
@@ -80,26 +80,29 @@ class SelfAttention(nn.Module):
         d, n_q, n_kv = config.head_dim, config.num_attention_heads, config.query_groups
         self.head_dim = d
         self.local_query_heads, self.local_kv_heads = n_q // tp, n_kv // tp
-        self.qkv = ColumnParallelLinear(config.hidden_size, (n_q + 2 * n_kv) * d,
-                                        output_partition_sizes=(n_q * d, n_kv * d, n_kv * d),
-                                        sequence_parallel=sequence_parallel, init_method=qkv_init,
-                                        params_dtype=config.torch_dtype, device=device)
-        self.dense = RowParallelLinear(n_q * d, config.hidden_size, input_is_parallel=True,
-                                       sequence_parallel=sequence_parallel, init_method=output_init,
-                                       params_dtype=config.torch_dtype, device=device)
+        self.linear_qkv = ColumnParallelLinear(config.hidden_size, (n_q + 2 * n_kv) * d,
+                                               sequence_parallel=sequence_parallel, init_method=qkv_init,
+                                               params_dtype=config.torch_dtype, device=device)
+        self.linear_proj = RowParallelLinear(n_q * d, config.hidden_size, input_is_parallel=True,
+                                             sequence_parallel=sequence_parallel, init_method=output_init,
+                                             params_dtype=config.torch_dtype, device=device)
         self.force_torch_kernels = force_torch_kernels
         # Set by LlamaModel for --recompute-granularity selective.
         self.recompute_core_attention = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """[s, b, h] (or [s/t, b, h] with sequence parallel) -> the same shape."""
-        qkv = self.qkv(x)  # [s, b, (n_q/t + 2 n_kv/t) d]
+        qkv = self.linear_qkv(x)  # [s, b, (n_q/t + 2 n_kv/t) d]
         s, b = qkv.shape[:2]
-        d = self.head_dim
-        q, k, v = qkv.split([self.local_query_heads * d, self.local_kv_heads * d, self.local_kv_heads * d], dim=-1)
-        q = apply_rotary(q.view(s, b, self.local_query_heads, d), cos, sin)
-        k = apply_rotary(k.view(s, b, self.local_kv_heads, d), cos, sin)
-        v = v.view(s, b, self.local_kv_heads, d)
+        d, groups = self.head_dim, self.local_kv_heads
+        per_group = self.local_query_heads // groups
+        grouped = qkv.view(s, b, groups, per_group + 2, d)  # [s, b, g, q heads + k + v, d]
+        # Rotating the strided query view writes a contiguous [s, b, g, q heads, d] tensor, which
+        # is [s, b, n_q/t, d] without a copy: the rotation is the copy the grouped layout needs.
+        q = apply_rotary(grouped[:, :, :, :per_group], cos.unsqueeze(2), sin.unsqueeze(2))
+        q = q.view(s, b, self.local_query_heads, d)
+        k = apply_rotary(grouped[:, :, :, per_group], cos, sin)  # [s, b, n_kv/t, d]
+        v = grouped[:, :, :, per_group + 1]
         # Decided on the first call (then cached): the device and dtype that count are the
         # ones the model runs with, after any .cuda() or under autocast.
         backend = attention_backend(q.device, q.dtype, self.force_torch_kernels)
@@ -107,4 +110,4 @@ class SelfAttention(nn.Module):
             context = recompute(core_attention, q, k, v, backend)  # [s, b, n_q/t, d]
         else:
             context = core_attention(q, k, v, backend)
-        return self.dense(context.reshape(s, b, self.local_query_heads * d))
+        return self.linear_proj(context.reshape(s, b, self.local_query_heads * d))

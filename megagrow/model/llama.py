@@ -6,14 +6,16 @@ sequence parallelism on, everything outside the tensor-parallel regions (residua
 norms) holds [s/t, b, h]: column-parallel inputs all-gather along the sequence and
 row-parallel outputs reduce-scatter back.
 
+Module names are megatron-core's GPTModel's (`embedding.word_embeddings`,
+`decoder.layers.N.self_attention.linear_qkv`, `decoder.final_layernorm`, `output_layer`, see
+megagrow/checkpoint/names.py), so a stage's state dict is what Megatron-LM saves and loads.
 A pipeline stage builds only its part: the embedding when `pre_process`, the final norm and
-output head when `post_process`, and the layers [start, end) of the global numbering. Layers
-are registered under their global number (`layers.7.…` on every stage), so checkpoints,
-conversion and growth tools see one naming whatever the pipeline split.
+output head when `post_process`, and the layers [start, end) of the global numbering, which
+its `decoder.layers` holds numbered from 0 as megatron-core does (`layer_offset` = start).
 
 Initialisation: every weight is drawn from its own generator, seeded from `seed` and the
-weight's global name (megagrow.parallel.layers.derive_seed), so a tp=4 or pp=2 model equals
-the tp=1 model with the same seed. Output projections (attention dense, MLP down) use
+weight's name in the full model (global layer number; megagrow.parallel.layers.derive_seed),
+so a tp=4 or pp=2 model equals the tp=1 model with the same seed. Output projections (attention dense, MLP down) use
 std / sqrt(2 * num_layers), keeping the residual stream's variance independent of depth.
 """
 
@@ -24,6 +26,7 @@ import math
 import torch
 from torch import nn
 
+from megagrow.checkpoint import names
 from megagrow.config import ModelConfig, ParallelConfig, padded_vocab_size, validate_parallel
 from megagrow.errors import UserError
 from megagrow.model import recompute
@@ -39,7 +42,7 @@ from megagrow.parallel.layers import ColumnParallelLinear, InitMethod, VocabPara
 from megagrow.parallel.mappings import gather_from_tp_region
 from megagrow.parallel.pipeline import partition_layers
 
-EMBEDDING_INIT_KEY = "embedding.word_embeddings.weight"
+EMBEDDING_INIT_KEY = names.EMBEDDING
 
 
 def _padded_rows_init(init_method: InitMethod, real_rows: int) -> InitMethod:
@@ -61,27 +64,45 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         std = config.init_method_std
         output_std = std / math.sqrt(2.0 * config.num_layers)
-        prefix = f"layers.{layer_number}"
 
-        def init(name: str, scale: float) -> InitMethod:
-            return normal_init(scale, derive_seed(seed, f"{prefix}.{name}"))
+        def init(suffix: str, scale: float) -> InitMethod:
+            return normal_init(scale, derive_seed(seed, names.layer_param_name(layer_number, suffix)))
 
         norm_args = dict(sequence_parallel=sequence_parallel, params_dtype=config.torch_dtype, device=device,
                          force_torch_kernels=force_torch_kernels)
-        self.input_norm = RMSNorm(config.hidden_size, config.norm_eps, **norm_args)
-        self.attention = SelfAttention(config, sequence_parallel=sequence_parallel,
-                                       qkv_init=init("attention.qkv.weight", std),
-                                       output_init=init("attention.dense.weight", output_std),
-                                       device=device, force_torch_kernels=force_torch_kernels)
-        self.post_attention_norm = RMSNorm(config.hidden_size, config.norm_eps, **norm_args)
-        self.mlp = SwiGLUMLP(config, sequence_parallel=sequence_parallel,
-                             gate_up_init=init("mlp.gate_up.weight", std),
-                             down_init=init("mlp.down.weight", output_std), device=device)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps, **norm_args)
+        self.self_attention = SelfAttention(config, sequence_parallel=sequence_parallel,
+                                            qkv_init=init(names.QKV, std), output_init=init(names.PROJ, output_std),
+                                            device=device, force_torch_kernels=force_torch_kernels)
+        self.pre_mlp_layernorm = RMSNorm(config.hidden_size, config.norm_eps, **norm_args)
+        self.mlp = SwiGLUMLP(config, sequence_parallel=sequence_parallel, fc1_init=init(names.FC1, std),
+                             fc2_init=init(names.FC2, output_std), device=device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """[s, b, h] (or [s/t, b, h] with sequence parallel) -> the same shape."""
-        x = x + self.attention(self.input_norm(x), cos, sin)
-        return x + self.mlp(self.post_attention_norm(x))
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.pre_mlp_layernorm(x))
+
+
+class LanguageModelEmbedding(nn.Module):
+    """The token embedding of the first stage (megatron-core's `embedding`; no position table with RoPE)."""
+
+    def __init__(self, word_embeddings: VocabParallelEmbedding):
+        super().__init__()
+        self.word_embeddings = word_embeddings
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[s, b] token ids -> [s, b, h] (or [s/t, b, h] with sequence parallel)."""
+        return self.word_embeddings(token_ids)
+
+
+class TransformerBlock(nn.Module):
+    """A stage's decoder layers, numbered from 0 (megatron-core's `decoder`), and the final norm on the last stage."""
+
+    def __init__(self, layers: list[LlamaDecoderLayer], final_layernorm: RMSNorm | None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.final_layernorm = final_layernorm
 
 
 class LlamaModel(nn.Module):
@@ -122,6 +143,7 @@ class LlamaModel(nn.Module):
         if not 0 <= start <= end <= config.num_layers:
             raise ValueError(f"layer range [{start}, {end}) is outside the model's {config.num_layers} layers")
         self.layer_range = (start, end)
+        self.layer_offset = start  # global number of decoder.layers.0
         self.padded_vocab_size = padded_vocab_size(config.vocab_size, config.make_vocab_size_divisible_by,
                                                    parallel.tp)
         dtype = config.torch_dtype
@@ -130,31 +152,30 @@ class LlamaModel(nn.Module):
 
         self.embedding = None
         if self.pre_process:
-            self.embedding = VocabParallelEmbedding(self.padded_vocab_size, config.hidden_size,
-                                                    sequence_parallel=self.sequence_parallel,
-                                                    init_method=embedding_init, params_dtype=dtype, device=device)
+            self.embedding = LanguageModelEmbedding(VocabParallelEmbedding(
+                self.padded_vocab_size, config.hidden_size, sequence_parallel=self.sequence_parallel,
+                init_method=embedding_init, params_dtype=dtype, device=device))
         self.rotary = RotaryEmbedding(config.head_dim, config.max_positions, config.rope_theta)
-        self.layers = nn.ModuleDict({
-            str(number): LlamaDecoderLayer(config, number, sequence_parallel=self.sequence_parallel, seed=seed,
-                                           device=device, force_torch_kernels=force_torch_kernels)
-            for number in range(start, end)
-        })
-        self.final_norm = None
+        layers = [LlamaDecoderLayer(config, number, sequence_parallel=self.sequence_parallel, seed=seed, device=device,
+                                    force_torch_kernels=force_torch_kernels) for number in range(start, end)]
+        final_layernorm = None
+        if self.post_process:
+            final_layernorm = RMSNorm(config.hidden_size, config.norm_eps, sequence_parallel=self.sequence_parallel,
+                                      params_dtype=dtype, device=device, force_torch_kernels=force_torch_kernels)
+        self.decoder = TransformerBlock(layers, final_layernorm)
         self.output_layer = None
         if self.post_process:
-            self.final_norm = RMSNorm(config.hidden_size, config.norm_eps, sequence_parallel=self.sequence_parallel,
-                                      params_dtype=dtype, device=device, force_torch_kernels=force_torch_kernels)
             shares_embedding = config.tie_embeddings and self.embedding is not None
             # Tied but on another stage than the embedding: a copy drawn from the same seed;
             # the pipeline keeps the copies equal by summing their grads over the embedding group.
             head_init = embedding_init if config.tie_embeddings else _padded_rows_init(
-                normal_init(config.init_method_std, derive_seed(seed, "output_layer.weight")), config.vocab_size)
+                normal_init(config.init_method_std, derive_seed(seed, names.OUTPUT_LAYER)), config.vocab_size)
             self.output_layer = ColumnParallelLinear(config.hidden_size, self.padded_vocab_size,
                                                      sequence_parallel=self.sequence_parallel, init_method=head_init,
                                                      params_dtype=dtype, device=device, skip_weight=shares_embedding)
         self.recompute_layers = recompute_granularity == recompute.FULL
-        for layer in self.layers.values():
-            layer.attention.recompute_core_attention = recompute_granularity == recompute.SELECTIVE
+        for layer in self.decoder.layers:
+            layer.self_attention.recompute_core_attention = recompute_granularity == recompute.SELECTIVE
             layer.mlp.compile_gate = compile_mlp
         self.cross_entropy_chunk_size = chunk = cross_entropy_chunk_size or None
         log_choice("activation recompute", recompute_granularity or "off",
@@ -162,12 +183,14 @@ class LlamaModel(nn.Module):
         log_choice("cross entropy", f"in chunks of {chunk} tokens" if chunk else "all tokens at once",
                    f"--cross-entropy-chunk-size {chunk}" if chunk else "not requested")
         if config.tie_embeddings:
-            for module in (self.embedding, self.output_layer):
+            for module in (self.embedding and self.embedding.word_embeddings, self.output_layer):
                 if module is not None and module.weight is not None:
                     module.weight.shared_embedding = True
 
     def _output_weight(self) -> torch.Tensor:
-        return self.output_layer.weight if self.output_layer.weight is not None else self.embedding.weight
+        if self.output_layer.weight is not None:
+            return self.output_layer.weight
+        return self.embedding.word_embeddings.weight
 
     def forward(self, input_ids: torch.Tensor | None = None, *, hidden_states: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -191,16 +214,16 @@ class LlamaModel(nn.Module):
             x = hidden_states
             seq_length = x.size(0) * (state.tp_size() if self.sequence_parallel else 1)
         cos, sin = self.rotary(seq_length, position_ids, device=x.device)
-        for layer in self.layers.values():
+        for layer in self.decoder.layers:
             x = recompute.recompute(layer, x, cos, sin) if self.recompute_layers else layer(x, cos, sin)
         if not self.post_process:
             return x
 
         if labels is not None and self.cross_entropy_chunk_size:
-            loss = chunked_head_loss(self.final_norm(x), labels.t(), self._output_weight(), self.output_layer.bias,
+            loss = chunked_head_loss(self.decoder.final_layernorm(x), labels.t(), self._output_weight(), self.output_layer.bias,
                                      self.config.vocab_size, self.cross_entropy_chunk_size, self.sequence_parallel)
             return loss.t()
-        logits = self.output_layer(self.final_norm(x), weight=self._output_weight())  # [s, b, padded_vocab/t]
+        logits = self.output_layer(self.decoder.final_layernorm(x), weight=self._output_weight())  # [s, b, padded_vocab/t]
         if labels is not None:
             loss = vocab_parallel_cross_entropy(logits, labels.t(), self.config.vocab_size)
             return loss.t()

@@ -48,7 +48,7 @@ class _ApplyRotary(torch.autograd.Function):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [s, b, n, d] by the angles of cos/sin [s, b or 1, 1, d], in float32 or wider; the tables get no grad."""
+    """Rotate x [s, b, n, d] (or [s, b, g, n, d]) by cos/sin [s, b or 1, 1, d] (or [s, b or 1, 1, 1, d]); tables get no grad."""
     return _ApplyRotary.apply(x, cos, sin)
 
 

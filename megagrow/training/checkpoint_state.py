@@ -1,41 +1,59 @@
-"""What a training checkpoint holds, and putting it back into a Trainer.
+"""A Trainer's state saved into a checkpoint, and a checkpoint (megagrow's or Megatron-LM's) put back into a Trainer.
 
-Each (tp, pp) shard's `model_optim_rng.pt`, written by dp rank 0:
+Saving (`--ckpt-format torch`, the default, or `torch_dist`) writes Megatron-LM's files
+(megagrow/checkpoint/megatron_state.py and torch_dist.py describe them): the model under
+megatron-core's names, Megatron's `args` with the data position, its LR scheduler and RNG
+records, and megagrow's own record beside them — configs, progress, LR schedule and,
+unless --no-save-optim, the optimizer state (per-dp-rank files with the distributed
+optimizer). The DeepSpeed backend saves through its engine, with the same records as
+client state.
 
-    model            the stage's state dict (tp-sharded tensors, global layer numbers)
-    optimizer        fp32 masters + Adam state (absent with the distributed optimizer,
-                     whose per-dp-rank slices go to distrib_optim_dpRRR.pt beside it)
-    scheduler        learning-rate schedule position
-    progress         iteration, consumed samples, skipped steps
-    rng              Python / numpy / torch generator states
-    config           model, parallel and train settings (plain dicts)
-    growth           (grown checkpoints only) how the model was grown
-
-A shard with only `model` and `config` (an exported, converted or grown model) loads as
-the start of a new run: fresh optimizer, iteration 0.
+Loading is two-phase, because optimizers copy the weights when they are built:
+`load_weights` puts the weights in before the optimizer exists, `load_training_state`
+then restores progress, LR schedule, RNG and optimizer. Weights load from any checkpoint
+CheckpointReader reads, in any layout: this rank's shard file directly when the layout
+is the run's, else this stage's tensors gathered from the full groups. Optimizer state
+is megagrow's and fits the layout it was saved with; Megatron-LM's optimizer state is
+not read (--no-load-optim continues with fresh Adam moments; weights, iteration, data
+position and LR schedule carry over).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch.distributed as dist
+
+from megagrow.checkpoint import torch_dist
+from megagrow.checkpoint.layout import (
+    TORCH_DIST,
+    read_tracker,
+    save_checkpoint,
+    save_iteration,
+    write_file_synced,
+    write_tracker,
+)
+from megagrow.checkpoint.megatron_args import build_args, config_record
+from megagrow.checkpoint.megatron_state import (
+    MEGAGROW_KEY,
+    restore_rng,
+    rng_state,
+    scheduler_state,
+    shard_file,
+    with_extra_states,
+)
+from megagrow.checkpoint.reader import MEGAGROW, MEGAGROW_V1, CheckpointReader
+from megagrow.checkpoint.reshard import stage_shard
+from megagrow.checkpoint.safe_load import load_file
 from megagrow.config import TrainConfig
 from megagrow.errors import UserError
 from megagrow.parallel import state
-from megagrow.training.checkpointing import (
-    get_rng_state,
-    load_shard,
-    read_tracker,
-    save_checkpoint,
-    set_rng_state,
-    write_tracker,
-)
+from megagrow.parallel.pipeline import partition_layers
 from megagrow.training.optimization import NativeOptimization
 
 logger = logging.getLogger("megagrow.training")
-CHECKPOINT_VERSION = 1
 # Model fields that may differ between a checkpoint and the run loading it.
 _COMPATIBLE_MODEL_FIELDS = {"params_dtype", "seq_length", "max_position_embeddings", "init_method_std"}
 
@@ -47,48 +65,126 @@ def metrics_path(train: TrainConfig) -> Path:
     return Path(train.save) / "metrics.jsonl" if train.save else Path("runs") / "metrics.jsonl"
 
 
-def _distributed_optimizer_file(dp_rank: int) -> str:
+def distributed_optimizer_file(dp_rank: int) -> str:
+    """Per-dp-rank optimizer slice file of the distributed optimizer, beside a torch-format shard."""
     return f"distrib_optim_dp{dp_rank:03d}.pt"
 
 
-def config_record(trainer) -> dict:
-    """The run's configuration as plain types, stored in every checkpoint."""
-    return {"model": asdict(trainer.model_config), "parallel": asdict(trainer.parallel), "train": asdict(trainer.train)}
+def torch_dist_optimizer_file(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
+    """megagrow's optimizer state file of one rank inside a torch_dist iteration directory."""
+    return f"megagrow_optimizer_tp{tp_rank:02d}_pp{pp_rank:03d}_dp{dp_rank:03d}.pt"
 
 
-def _client_state(trainer) -> dict:
-    return {"checkpoint_version": CHECKPOINT_VERSION, "progress": asdict(trainer.progress), "rng": get_rng_state(),
-            "config": config_record(trainer)}
+# ------------------------------------------------------------------------------------- saving
+
+
+def _megagrow_record(trainer, *, optimizer: bool) -> dict:
+    optimization = trainer.optimization
+    record = {"config": config_record(trainer.model_config, trainer.parallel, trainer.train),
+              "progress": asdict(trainer.progress)}
+    if isinstance(optimization, NativeOptimization):
+        record["scheduler"] = optimization.scheduler.state_dict()
+        if optimizer:
+            record["optimizer"] = optimization.optimizer.state_dict()
+    return record
+
+
+def _megatron_entries(trainer) -> dict:
+    train = trainer.train
+    args = build_args(trainer.model_config, trainer.parallel, ckpt_format=train.ckpt_format, train=train,
+                      consumed_train_samples=trainer.progress.consumed_samples)
+    entries = {"args": args, "rng": None if train.no_save_rng else rng_state(train.seed, state.tp_rank(), state.pp_rank())}
+    optimization = trainer.optimization
+    if isinstance(optimization, NativeOptimization):
+        schedule = asdict(optimization.scheduler.config)
+        entries["scheduler"] = scheduler_state(optimization.scheduler.num_steps, schedule, train.global_batch_size)
+    return entries
 
 
 def save(trainer) -> None:
     """Collectively save the trainer's state at its current iteration to --save."""
     root, iteration = trainer.train.save, trainer.progress.iteration
     optimization = trainer.optimization
-    if isinstance(optimization, NativeOptimization):
-        _save_native(trainer, optimization)
-    else:
-        optimization.save(root, f"iter_{iteration:07d}", _client_state(trainer))
+    if not isinstance(optimization, NativeOptimization):
+        megatron = _megatron_entries(trainer)
+        client_state = {"args": megatron["args"], "rng_state": megatron["rng"],
+                        MEGAGROW_KEY: _megagrow_record(trainer, optimizer=False)}
+        optimization.save(root, f"iter_{iteration:07d}", client_state)
         # The same tracker as native checkpoints, so tools find the latest iteration either way.
-        save_tracker = state.mp_rank() == 0 and state.dp_rank() == 0
-        if save_tracker:
+        if state.mp_rank() == 0 and state.dp_rank() == 0:
             write_tracker(root, iteration)
-    logger.info("saved checkpoint %s at iteration %d", root, iteration)
+    elif trainer.train.ckpt_format == TORCH_DIST:
+        _save_torch_dist(trainer, optimization)
+    else:
+        _save_torch(trainer, optimization)
+    logger.info("saved checkpoint %s at iteration %d (%s)", root, iteration, trainer.train.ckpt_format)
 
 
-def _save_native(trainer, optimization: NativeOptimization) -> None:
-    sharded_optimizer = optimization.optimizer.shard_over_dp
+def _stage_state(trainer) -> dict:
+    model = trainer.model
+    return with_extra_states(model.state_dict(), len(model.decoder.layers), model.post_process)
+
+
+def _save_torch(trainer, optimization: NativeOptimization) -> None:
+    sharded = optimization.optimizer.shard_over_dp
+    save_optim = not trainer.train.no_save_optim
     shard = None
     if state.dp_rank() == 0:
-        shard = {"model": trainer.model.state_dict(), "scheduler": optimization.scheduler.state_dict(),
-                 **_client_state(trainer)}
-        if not sharded_optimizer:
-            shard["optimizer"] = optimization.optimizer.state_dict()
+        megatron = _megatron_entries(trainer)
+        shard = shard_file(_stage_state(trainer), args=megatron["args"], iteration=trainer.progress.iteration,
+                           megagrow=_megagrow_record(trainer, optimizer=save_optim and not sharded),
+                           rng=megatron["rng"], scheduler=megatron.get("scheduler"))
     extra = None
-    if sharded_optimizer:
-        extra = {_distributed_optimizer_file(state.dp_rank()): optimization.optimizer.state_dict()}
+    if sharded and save_optim:
+        extra = {distributed_optimizer_file(state.dp_rank()): optimization.optimizer.state_dict()}
     save_checkpoint(trainer.train.save, trainer.progress.iteration, shard, tp_rank=state.tp_rank(),
                     pp_rank=state.pp_rank(), pp_size=state.pp_size(), extra_files=extra)
+
+
+def _save_torch_dist(trainer, optimization: NativeOptimization) -> None:
+    model, train = trainer.model, trainer.train
+    sharded = optimization.optimizer.shard_over_dp
+    megatron = _megatron_entries(trainer)
+
+    def write(tmp_dir: Path) -> None:
+        entries = []
+        if state.dp_rank() == 0:
+            layers = range(model.layer_offset, model.layer_offset + len(model.decoder.layers))
+            tied_copy = model.post_process and not model.pre_process and trainer.model_config.tie_embeddings
+            entries = list(torch_dist.stage_entries([model.state_dict()], tp_rank=state.tp_rank(), tp=state.tp_size(),
+                                                    layers=layers, num_layers=trainer.model_config.num_layers,
+                                                    tied_head_copy=tied_copy))
+            if megatron["rng"] is not None:
+                key = torch_dist.object_key("rng_state", (state.pp_rank(), state.tp_rank()),
+                                            (state.pp_size(), state.tp_size()))
+                entries.append(torch_dist.ObjectEntry(key, megatron["rng"]))
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        records = torch_dist.write_rank_file(tmp_dir, rank, entries) if entries else []
+        if not train.no_save_optim and (sharded or state.dp_rank() == 0):
+            name = torch_dist_optimizer_file(state.tp_rank(), state.pp_rank(), state.dp_rank())
+            write_file_synced(tmp_dir / name, optimization.optimizer.state_dict())
+        gathered = [records]
+        if dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, records)  # every writer's chunk locations, for the metadata
+        if rank == 0:
+            common = {"args": megatron["args"], "checkpoint_version": 3.0, "iteration": trainer.progress.iteration,
+                      "opt_param_scheduler": megatron.get("scheduler"),
+                      MEGAGROW_KEY: {"format_version": 2, **_megagrow_record(trainer, optimizer=False)}}
+            torch_dist.write_metadata(tmp_dir, [r for rank_records in gathered for r in rank_records], common)
+
+    save_iteration(train.save, trainer.progress.iteration, write)
+
+
+# ------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What phase 1 read, for phase 2."""
+
+    reader: CheckpointReader
+    same_layout: bool  # saved with this run's tp, pp and layer split, in the torch format
 
 
 def check_model_config(saved: dict, current: dict, where: str) -> None:
@@ -108,71 +204,137 @@ def is_deepspeed_checkpoint(root) -> bool:
     return (Path(root) / "latest").is_file()
 
 
-def load_weights(trainer) -> dict | None:
-    """Phase 1, before the optimizer exists: put a native checkpoint's weights into the model.
+def _run_layers_per_stage(trainer) -> list[int]:
+    ranges = partition_layers(trainer.model_config.num_layers, trainer.parallel.pp, trainer.train.pipeline_layer_split)
+    return [len(r) for r in ranges]
 
-    Optimizers copy the weights when they are built (fp32 masters, ZeRO partitions), so the
-    weights must be in place first. Returns the loaded shard, or None (no checkpoint yet, or
-    a DeepSpeed checkpoint, which the engine loads in phase 2).
+
+def load_weights(trainer) -> LoadedCheckpoint | None:
+    """Phase 1, before the optimizer exists: put the checkpoint's weights into this rank's stage.
+
+    Returns what phase 2 needs, or None (no checkpoint yet, or a DeepSpeed checkpoint, which
+    the engine loads in phase 2).
     """
-    root = trainer.train.load
+    root, train = trainer.train.load, trainer.train
     iteration = read_tracker(root)
     if iteration is None:
+        if train.exit_on_missing_checkpoint:
+            raise UserError(f"--load {root} holds no checkpoint (no latest_checkpointed_iteration.txt) and "
+                            f"--exit-on-missing-checkpoint is set; check the path")
         logger.warning("--load %s holds no checkpoint yet; training from scratch", root)
         return None
     if is_deepspeed_checkpoint(root):
-        if not trainer.train.deepspeed:
+        if not train.deepspeed:
             raise UserError(f"--load {root}: this is a DeepSpeed checkpoint; add --deepspeed, or convert it with "
                             f"tools/convert_deepspeed_checkpoint.py")
         return None
-    location = dict(iteration=iteration, tp_rank=state.tp_rank(), pp_rank=state.pp_rank(), pp_size=state.pp_size())
-    shard = load_shard(root, **location)
-    check_model_config(shard.get("config", {}).get("model", {}), asdict(trainer.model_config), str(root))
-    missing, unexpected = trainer.model.load_state_dict(shard["model"], strict=False)
+    reader = CheckpointReader(root, iteration, vocab_size=trainer.model_config.vocab_size)
+    if reader.origin == MEGAGROW_V1:
+        raise UserError(f"--load {root}: written by an older megagrow (its own weight names); convert it once with "
+                        f"python tools/convert_checkpoint.py upgrade --load {root} --save NEW_DIR")
+    check_model_config(asdict(reader.config), asdict(trainer.model_config), str(root))
+    model = trainer.model
+    same_layout = (reader.format != TORCH_DIST and (reader.tp, reader.pp) == (state.tp_size(), state.pp_size())
+                   and reader.layers_per_stage == _run_layers_per_stage(trainer))
+    if same_layout:
+        weights = reader.stage_model(state.tp_rank(), state.pp_rank())
+    else:
+        layers = range(model.layer_offset, model.layer_offset + len(model.decoder.layers))
+        weights = stage_shard(reader.config, reader.read_group, layers, tp=state.tp_size(), tp_rank=state.tp_rank(),
+                              first=model.pre_process, last=model.post_process)
+        logger.info("loading %s (%s, tp=%d pp=%d) into this run's tp=%d pp=%d layout", root, reader.format,
+                    reader.tp, reader.pp, state.tp_size(), state.pp_size())
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise UserError(f"--load {root}: shard tensors do not match this stage (missing {missing[:3]}, unexpected "
+        raise UserError(f"--load {root}: tensors do not match this stage (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]}); was it saved with another --pipeline-layer-split?")
-    shard["location"] = location
-    return shard
+    return LoadedCheckpoint(reader, same_layout)
 
 
-def load_training_state(trainer, shard: dict | None) -> None:
-    """Phase 2, with the optimizer built: optimizer, schedule, progress and RNG (or the engine's checkpoint)."""
+def load_training_state(trainer, loaded: LoadedCheckpoint | None) -> None:
+    """Phase 2, with the optimizer built: progress, LR schedule, RNG and optimizer (or the engine's checkpoint)."""
     root, train = trainer.train.load, trainer.train
     optimization = trainer.optimization
-    if shard is None:
+    if loaded is None:
         if read_tracker(root) is not None and is_deepspeed_checkpoint(root):
             client_state = optimization.load(root, load_optimizer=not train.no_load_optim)
-            check_model_config(client_state["config"]["model"], asdict(trainer.model_config), str(root))
-            _restore_progress(trainer, client_state, root)
+            record = client_state[MEGAGROW_KEY]
+            check_model_config(record["config"]["model"], asdict(trainer.model_config), str(root))
+            _restore(trainer, record["progress"], None, client_state.get("rng_state"))
         return
-    if "progress" not in shard:
+    reader = loaded.reader
+    position = reader.run_position()
+    if position is None:
         logger.info("loaded model weights from %s; starting a new run at iteration 0", root)
         return
-    if not isinstance(optimization, NativeOptimization):
-        if not train.no_load_optim:
-            raise UserError(f"--load {root}: a native checkpoint's optimizer state cannot be given to DeepSpeed; "
-                            f"pass --no-load-optim to continue from its weights with a fresh optimizer")
-        _restore_progress(trainer, shard, root)
-        return
     if not train.no_load_optim:
-        location = shard["location"]
-        if optimization.optimizer.shard_over_dp:
-            optimizer_state = load_shard(root, filename=_distributed_optimizer_file(state.dp_rank()), **location)
+        _load_optimizer(trainer, loaded)
+    _restore(trainer, position.progress, position.scheduler_steps, _saved_rng(reader, loaded))
+
+
+def _saved_rng(reader: CheckpointReader, loaded: LoadedCheckpoint):
+    if reader.format == TORCH_DIST:
+        key = torch_dist.object_key("rng_state", (state.pp_rank(), state.tp_rank()), (reader.pp, reader.tp))
+        dist_reader = reader.torch_dist
+        return dist_reader.read_object(key) if key in dist_reader else None
+    if not loaded.same_layout:
+        return None  # another layout's ranks drew from other streams
+    return reader.shard_file(state.tp_rank(), state.pp_rank()).get("rng_state")
+
+
+def _load_optimizer(trainer, loaded: LoadedCheckpoint) -> None:
+    reader, root = loaded.reader, trainer.train.load
+    optimization = trainer.optimization
+    if reader.origin != MEGAGROW:
+        if reader.common.get("optimizer") is not None or reader.format == TORCH_DIST:
+            raise UserError(f"--load {root}: its optimizer state is Megatron-LM's, which megagrow does not read; pass "
+                            f"--no-load-optim (weights, iteration, data position and LR schedule carry over, Adam "
+                            f"moments restart)")
+        return
+    if not isinstance(optimization, NativeOptimization):
+        raise UserError(f"--load {root}: a native checkpoint's optimizer state cannot be given to DeepSpeed; "
+                        f"pass --no-load-optim to continue from its weights with a fresh optimizer")
+    sharded = optimization.optimizer.shard_over_dp
+    saved = None
+    if reader.format == TORCH_DIST:
+        saved_parallel = reader.common[MEGAGROW_KEY]["config"]["parallel"]
+        if (saved_parallel["tp"], saved_parallel["pp"]) == (state.tp_size(), state.pp_size()):
+            dp_rank = state.dp_rank() if sharded else 0
+            path = reader.directory / torch_dist_optimizer_file(state.tp_rank(), state.pp_rank(), dp_rank)
+            saved = _load_if_present(path)
+    elif loaded.same_layout:
+        record = reader.shard_file(state.tp_rank(), state.pp_rank())[MEGAGROW_KEY]
+        if "optimizer" in record and record["optimizer"] is None:
+            logger.info("%s asks for a fresh optimizer (grown from a Megatron-LM checkpoint)", root)
+            return
+        if sharded:
+            saved = _load_if_present(reader.shard_path(state.tp_rank(), state.pp_rank()).with_name(
+                distributed_optimizer_file(state.dp_rank())))
         else:
-            optimizer_state = shard.get("optimizer")
-        if optimizer_state is None:
-            raise UserError(f"--load {root}: the checkpoint has no optimizer state for this layout; "
-                            f"pass --no-load-optim to start the optimizer afresh")
-        optimization.optimizer.load_state_dict(optimizer_state)
-        optimization.scheduler.load_state_dict(shard["scheduler"])
-    _restore_progress(trainer, shard, root)
+            saved = record.get("optimizer")
+    if saved is None:
+        raise UserError(f"--load {root}: the checkpoint has no optimizer state for this run's layout (tp="
+                        f"{state.tp_size()} pp={state.pp_size()}, {'distributed' if sharded else 'plain'} optimizer; "
+                        f"it was saved with tp={reader.tp} pp={reader.pp}); pass --no-load-optim to start the optimizer "
+                        f"afresh, or resume with the layout it was saved with")
+    try:
+        optimization.optimizer.load_state_dict(saved)
+    except (ValueError, KeyError) as err:
+        raise UserError(f"--load {root}: its optimizer state does not fit this run ({err}); was it saved with another "
+                        f"data-parallel size or optimizer? pass --no-load-optim to start the optimizer afresh") from None
 
 
-def _restore_progress(trainer, saved: dict, root) -> None:
-    for name, value in saved["progress"].items():
+def _load_if_present(path: Path):
+    return load_file(path) if path.is_file() else None
+
+
+def _restore(trainer, progress: dict, scheduler_num_steps: int | None, rng) -> None:
+    for name, value in progress.items():
         setattr(trainer.progress, name, value)
-    if not trainer.train.no_load_rng:
-        set_rng_state(saved["rng"])
-    logger.info("resumed from %s at iteration %d (%d samples consumed)", root, trainer.progress.iteration,
+    optimization = trainer.optimization
+    if scheduler_num_steps is not None and isinstance(optimization, NativeOptimization):
+        optimization.scheduler.load_state_dict({"num_steps": scheduler_num_steps})
+    if not trainer.train.no_load_rng and rng is not None:
+        restore_rng(rng)
+    logger.info("resumed from %s at iteration %d (%d samples consumed)", trainer.train.load, trainer.progress.iteration,
                 trainer.progress.consumed_samples)

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from megagrow.parallel.data_parallel import DataParallelGradReducer
 from megagrow.training.clip_grads import clip_by_norm, global_grad_norm
 from megagrow.training.loss_scaler import DynamicLossScaler
-from megagrow.training.optimizer import OptimizerConfig, build_adamw, uses_weight_decay
+from megagrow.checkpoint.optimizer_layout import uses_weight_decay
+from megagrow.training.optimizer import OptimizerConfig, build_adamw
 
 
 @dataclass

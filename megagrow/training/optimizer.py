@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megagrow.checkpoint.optimizer_layout import uses_weight_decay
 from megagrow.model.backends import fused_disabled
 
 logger = logging.getLogger("megagrow.training")
@@ -27,13 +28,6 @@ class OptimizerConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
-
-
-def uses_weight_decay(param: torch.Tensor) -> bool:
-    """Matrices decay; 1-D tensors (biases, norm gains) do not."""
-    # Decaying norm gains pulls them toward zero, which only hurts, so Megatron (and
-    # Llama recipes) exempt every 1-D parameter.
-    return param.ndim >= 2
 
 
 def weight_decay_groups(params, weight_decay: float, decays: dict[int, bool] | None = None) -> list[dict]:

@@ -1,0 +1,341 @@
+"""Read any checkpoint megagrow accepts as full tensors, one group at a time.
+
+Sources: megagrow's own checkpoints and Megatron-LM's, in the `torch` format (per-rank
+files, any tp/pp) or the `torch_dist` format; and megagrow's checkpoints from before it
+adopted megatron-core's names (megagrow_v1.py), so old runs can be upgraded.
+
+Full tensors are grouped so that tools can stream a model instead of holding it whole:
+
+    "embedding"   embedding.word_embeddings.weight
+    0 .. L-1      the six parameters of layer N (`decoder.layers.N.…`, global numbering)
+    "head"        decoder.final_layernorm.weight, and output_layer.weight unless tied
+
+`read_group` merges one group from the tp shards of the stage holding it (torch format) or
+from the chunks it overlaps (torch_dist); files are memory-mapped afresh for each read, so
+reading layer by layer keeps resident memory near one layer. The model config comes from
+the checkpoint's megagrow record or Megatron-LM's `args` (megatron_args.py) and is checked
+against the tensors' shapes before anything is read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from megagrow.checkpoint import megagrow_v1, names
+from megagrow.checkpoint.layout import (
+    RELEASE,
+    TORCH_DIST,
+    Iteration,
+    checkpoint_format,
+    checkpoint_layout,
+    iteration_dir,
+    read_tracker,
+    shard_dir_name,
+    shard_path,
+)
+from megagrow.checkpoint.megatron_args import model_config_from_args, parallel_sizes_from_args
+from megagrow.checkpoint.megatron_state import MEGAGROW_KEY, scheduler_steps
+from megagrow.checkpoint.safe_load import load_file
+from megagrow.checkpoint.torch_dist import TorchDistReader, read_full
+from megagrow.checkpoint.tp_layout import full_shape, merge_from_tp, shard_shape
+from megagrow.config import ModelConfig
+from megagrow.errors import UserError
+
+EMBEDDING_GROUP = "embedding"
+HEAD_GROUP = "head"
+Group = int | str
+# group -> {full parameter name: full tensor}
+GroupReader = Callable[[Group], dict[str, torch.Tensor]]
+
+MEGAGROW, MEGATRON, MEGAGROW_V1 = "megagrow", "Megatron-LM", "megagrow (before megatron-core names)"
+
+
+@dataclass
+class RunPosition:
+    """Where a saved run stood: its progress record and its LR schedule's optimizer steps (None: unknown)."""
+
+    progress: dict
+    scheduler_steps: int | None
+
+
+def group_keys(config: ModelConfig) -> list[Group]:
+    """Every group of a model, in the order of the forward pass."""
+    return [EMBEDDING_GROUP, *range(config.num_layers), HEAD_GROUP]
+
+
+def group_param_names(group: Group, config: ModelConfig) -> list[str]:
+    """Full parameter names in one group."""
+    if group == EMBEDDING_GROUP:
+        return [names.EMBEDDING]
+    if group == HEAD_GROUP:
+        return [names.FINAL_NORM] + ([] if config.tie_embeddings else [names.OUTPUT_LAYER])
+    return [names.layer_param_name(group, suffix) for suffix in names.LAYER_SUFFIXES]
+
+
+def origin_of(record: dict) -> str:
+    """Who wrote a shard file or torch_dist common state: MEGAGROW, MEGATRON or MEGAGROW_V1."""
+    if isinstance(record.get(MEGAGROW_KEY), dict):
+        return MEGAGROW
+    if "args" in record:
+        return MEGATRON
+    if megagrow_v1.is_v1_record(record):
+        return MEGAGROW_V1
+    raise ValueError("unrecognised")
+
+
+def config_of(record: dict, where: str, vocab_size: int | None = None) -> ModelConfig:
+    """The model config recorded in a shard file or torch_dist common state, whoever wrote it."""
+    try:
+        origin = origin_of(record)
+    except ValueError:
+        raise UserError(f"{where}: holds no model description (no args or megagrow record); it is not a Megatron "
+                        f"or megagrow checkpoint") from None
+    if origin == MEGAGROW:
+        try:
+            config = ModelConfig(**record[MEGAGROW_KEY]["config"]["model"])
+        except (KeyError, TypeError) as err:
+            raise UserError(f"{where}: its megagrow record does not describe a model ({err})") from None
+        return config
+    if origin == MEGAGROW_V1:
+        return megagrow_v1.model_config(record, where)
+    return model_config_from_args(record["args"], where, vocab_size=vocab_size)
+
+
+class CheckpointReader:
+    """One saved iteration of a megagrow or Megatron-LM checkpoint, torch or torch_dist, read as full tensors.
+
+    `vocab_size` gives the vocabulary where the record does not (Megatron-LM's args often have
+    only the padded size; the tokenizer knows the real one).
+    """
+
+    def __init__(self, root: str | os.PathLike, iteration: Iteration | None = None, *, vocab_size: int | None = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise UserError(f"checkpoint directory not found: {self.root} (check --load)")
+        if iteration is None:
+            iteration = read_tracker(self.root)
+            if iteration is None:
+                raise UserError(f"no checkpoint in {self.root}: latest_checkpointed_iteration.txt is missing "
+                                f"(check --load, or pass --iteration)")
+        self.iteration = iteration
+        self.format = checkpoint_format(self.root, iteration)
+        if self.format == TORCH_DIST:
+            self._dist = TorchDistReader(iteration_dir(self.root, iteration))
+            self.common = self._dist.common
+            where = str(iteration_dir(self.root, iteration))
+            self.origin = self._origin(self.common, where)
+            self.config = config_of(self.common, where, vocab_size)
+            self.tp, self.pp = self._dist_layout()
+            self._check_dist_shapes()
+        else:
+            self._dist = None
+            self.tp, self.pp = checkpoint_layout(self.root, iteration)
+            self._files = {(t, p): load_file(self.shard_path(t, p), mmap=True) for p in range(self.pp) for t in range(self.tp)}
+            self.common = {k: v for k, v in self._files[0, 0].items() if k not in ("model", "optimizer")}
+            self.origin = self._origin(self._files[0, 0], self._where(0, 0))
+            self.config = config_of(self._files[0, 0], self._where(0, 0), vocab_size)
+            self._check_recorded_layout()
+            for (t, p), file in self._files.items():
+                if config_of(file, self._where(t, p), vocab_size) != self.config:
+                    raise UserError(f"{self._where(t, p)}: its model config differs from "
+                                    f"{shard_dir_name(0, 0, self.pp)}'s; the shards come from different runs")
+            self._stage_models = {p: self._stage_model(0, p, self._files[0, p]) for p in range(self.pp)}
+            self._layer_offsets = self._find_layer_offsets()
+            self._check_shapes()
+
+    # ---- layout and checks -----------------------------------------------------------------------
+
+    @staticmethod
+    def _origin(record: dict, where: str) -> str:
+        try:
+            return origin_of(record)
+        except ValueError:
+            raise UserError(f"{where}: holds no model description (no args or megagrow record); it is not a "
+                            f"Megatron or megagrow checkpoint") from None
+
+    @property
+    def directory(self) -> Path:
+        """The iteration's directory."""
+        return iteration_dir(self.root, self.iteration)
+
+    @property
+    def torch_dist(self) -> TorchDistReader:
+        """The torch_dist reader of this iteration (torch_dist format only)."""
+        if self._dist is None:
+            raise ValueError("not a torch_dist checkpoint")
+        return self._dist
+
+    def shard_path(self, tp_rank: int, pp_rank: int) -> Path:
+        """File of one torch-format shard."""
+        return shard_path(self.root, self.iteration, tp_rank, pp_rank, self.pp)
+
+    def _where(self, tp_rank: int, pp_rank: int) -> str:
+        return str(self.shard_path(tp_rank, pp_rank).parent)
+
+    def stage_model(self, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
+        """One torch-format shard's model in megatron-core's names, layers numbered from the stage's first."""
+        return self._stage_model(tp_rank, pp_rank, self._files[tp_rank, pp_rank])
+
+    def _stage_model(self, tp_rank: int, pp_rank: int, record: dict) -> dict[str, torch.Tensor]:
+        where = self._where(tp_rank, pp_rank)
+        if "model" not in record:
+            virtual = sorted(k for k in record if k.startswith("model") and k[5:].isdigit())
+            detail = "virtual pipeline chunks " + ", ".join(virtual) if virtual else "no model"
+            raise UserError(f"{where}: holds {detail}; megagrow reads checkpoints without a virtual (interleaved) "
+                            f"pipeline")
+        if self.origin == MEGAGROW_V1:
+            return megagrow_v1.canonical_model_state(record["model"], self.config, self.tp, where)
+        return names.canonical_model_state(record["model"], where)
+
+    def _check_recorded_layout(self) -> None:
+        # checkpoint_layout infers the sizes from the highest ranks present, so a missing last
+        # rank would pass for a smaller layout; the record says what was saved.
+        record = self._files[0, 0]
+        if self.origin == MEGAGROW_V1:
+            recorded = megagrow_v1.recorded_layout(record)
+        else:
+            recorded = parallel_sizes_from_args(record["args"]) if "args" in record else (self.tp, self.pp)
+        if tuple(recorded) != (self.tp, self.pp):
+            raise UserError(f"{iteration_dir(self.root, self.iteration)}: shards missing for the tp={recorded[0]} "
+                            f"pp={recorded[1]} layout it was saved with (found tp={self.tp} pp={self.pp}); "
+                            f"the checkpoint is incomplete")
+
+    def _find_layer_offsets(self) -> list[int]:
+        counts = [len({names.split_layer_name(n)[0] for n in model if names.split_layer_name(n)})
+                  for _, model in sorted(self._stage_models.items())]
+        offsets = [sum(counts[:p]) for p in range(self.pp)]
+        if sum(counts) != self.config.num_layers:
+            raise UserError(f"{self.root}: iteration {self.iteration} holds {sum(counts)} layers over its stages "
+                            f"({counts}), its record says {self.config.num_layers}; the checkpoint is incomplete")
+        self.layers_per_stage = counts
+        return offsets
+
+    def _check_shapes(self) -> None:
+        for p, model in self._stage_models.items():
+            offset = self._layer_offsets[p]
+            for name, tensor in model.items():
+                global_name = names.renumber_layers({name: None}, offset).popitem()[0]
+                expected = shard_shape(global_name, self.config, self.tp)
+                if tuple(tensor.shape) != expected:
+                    raise UserError(f"{self._where(0, p)}: {name} has shape {tuple(tensor.shape)}, the recorded model "
+                                    f"(tp={self.tp}) needs {expected}; the args and the weights disagree")
+
+    def _dist_layout(self) -> tuple[int, int]:
+        args = self.common.get("args")
+        tp, pp = parallel_sizes_from_args(args) if args is not None else (1, 1)
+        counts = [self.config.num_layers // pp + (1 if p < self.config.num_layers % pp else 0) for p in range(pp)]
+        self.layers_per_stage = counts
+        return tp, pp
+
+    def _check_dist_shapes(self) -> None:
+        config, dist = self.config, self._dist
+        for name in group_param_names(EMBEDDING_GROUP, config) + group_param_names(HEAD_GROUP, config):
+            expected = full_shape(name, config)
+            shape = dist.shape(name)
+            rows_ok = shape[0] >= expected[0] if name != names.FINAL_NORM else shape == expected
+            if not rows_ok or shape[1:] != expected[1:]:
+                raise UserError(f"{dist.directory}: {name} has shape {shape}, the recorded model needs {expected}; "
+                                f"the args and the weights disagree")
+        for suffix in names.LAYER_SUFFIXES:
+            key = names.stacked_key(suffix)
+            expected = (config.num_layers, *full_shape(names.layer_param_name(0, suffix), config))
+            if dist.shape(key) != expected:
+                raise UserError(f"{dist.directory}: {key} has shape {dist.shape(key)}, the recorded model needs "
+                                f"{expected}; the args and the weights disagree")
+
+    # ---- reading ---------------------------------------------------------------------------------
+
+    def _stage_of(self, group: Group) -> int:
+        if group == EMBEDDING_GROUP:
+            return 0
+        if group == HEAD_GROUP:
+            return self.pp - 1
+        stage = 0
+        while stage + 1 < self.pp and group >= self._layer_offsets[stage + 1]:
+            stage += 1
+        return stage
+
+    def _local_name(self, name: str, stage: int) -> str:
+        return names.renumber_layers({name: None}, -self._layer_offsets[stage]).popitem()[0]
+
+    def _group_shards(self, group: Group, models: list[dict]) -> dict[str, list[torch.Tensor]]:
+        stage = self._stage_of(group)
+        shards = {}
+        for name in group_param_names(group, self.config):
+            local = self._local_name(name, stage)
+            for t, model in enumerate(models):
+                if local not in model:
+                    raise UserError(f"{self._where(t, stage)}: tensor {local} is missing; the checkpoint is incomplete "
+                                    f"or was saved by another model")
+            shards[name] = [model[local] for model in models]
+        return shards
+
+    def read_group(self, group: Group) -> dict[str, torch.Tensor]:
+        """Full (unsharded, unpadded) tensors of one group."""
+        if self._dist is not None:
+            return {name: self._trim(name, read_full(self._dist, name, self.config.num_layers))
+                    for name in group_param_names(group, self.config)}
+        stage = self._stage_of(group)
+        # Mapped afresh and dropped after the merge (which copies), so the pages read leave this
+        # process's resident set with the group instead of accumulating to the whole base model.
+        models = [self._stage_model(t, stage, load_file(self.shard_path(t, stage), mmap=True)) for t in range(self.tp)]
+        return {name: merge_from_tp(name, shards, self.config) for name, shards in self._group_shards(group, models).items()}
+
+    def _trim(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        # torch_dist keeps the vocabulary padded for the tp it was saved with.
+        return full[:self.config.vocab_size].clone() if name in (names.EMBEDDING, names.OUTPUT_LAYER) else full
+
+    def describe_group(self, group: Group) -> dict[str, torch.Tensor]:
+        """read_group's result as meta tensors (full shapes, saved dtypes), reading no tensor data."""
+        result = {}
+        for name in group_param_names(group, self.config):
+            if self._dist is not None:
+                key = name if names.split_layer_name(name) is None else names.stacked_key(names.split_layer_name(name)[1])
+                dtype = self._dist.dtype(key)
+            else:
+                dtype = self._stage_models[self._stage_of(group)][self._local_name(name, self._stage_of(group))].dtype
+            result[name] = torch.empty(full_shape(name, self.config), dtype=dtype, device="meta")
+        return result
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole full state dict (holds the model in memory; prefer read_group for large models)."""
+        return {name: tensor for group in group_keys(self.config) for name, tensor in self.read_group(group).items()}
+
+    def shard_file(self, tp_rank: int, pp_rank: int) -> dict[str, Any]:
+        """The whole (memory-mapped) file of one torch-format shard, as saved."""
+        if self._dist is not None:
+            raise ValueError("a torch_dist checkpoint has no per-rank shard files")
+        return self._files[tp_rank, pp_rank]
+
+    def run_position(self) -> RunPosition | None:
+        """Where the saved run stood (iteration, samples consumed, LR steps), or None for a model-only checkpoint."""
+        common = self.common
+        if self.origin == MEGAGROW:
+            record = common[MEGAGROW_KEY]
+            if "progress" not in record:
+                return None
+            steps = record.get("scheduler", {}).get("num_steps")
+            return RunPosition(dict(record["progress"]), None if steps is None else int(steps))
+        if self.origin == MEGAGROW_V1:
+            if "progress" not in common:
+                return None
+            return RunPosition(dict(common["progress"]), int(common["scheduler"]["num_steps"]))
+        if self.iteration == RELEASE or not common.get("iteration"):
+            return None  # Megatron-LM's converted / release checkpoints start a run
+        args = common["args"]
+        progress = {"iteration": int(common["iteration"]),
+                    "consumed_samples": int(getattr(args, "consumed_train_samples", 0) or 0),
+                    "skipped_steps": 0, "consecutive_skipped_steps": 0}
+        scheduler, batch = common.get("opt_param_scheduler"), getattr(args, "global_batch_size", None)
+        steps = scheduler_steps(scheduler, batch) if scheduler and batch else None
+        return RunPosition(progress, steps)
+
+    @property
+    def stage_dirs(self) -> list[str]:
+        """Shard directory names of this checkpoint's layout, for messages."""
+        return [shard_dir_name(t, p, self.pp) for p in range(self.pp) for t in range(self.tp)]

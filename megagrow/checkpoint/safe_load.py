@@ -1,0 +1,184 @@
+"""The one way megagrow opens a checkpoint file: tensors and plain data only, never code.
+
+Every checkpoint megagrow reads — its own, Megatron-LM's (`torch` and `torch_dist`),
+DeepSpeed's, a converted one — goes through `load_file`, which is `torch.load(weights_only=
+True)` plus an explicit allowlist of the plain classes these formats pickle:
+
+    argparse.Namespace        Megatron-LM's `args`
+    numpy arrays and dtypes   the numpy RNG state inside Megatron's `rng_state`
+    io.BytesIO                Transformer Engine's `_extra_state` in older Megatron-LM files
+    megatron.* classes        enums in `args` (ModelType, AttnBackend, ...); they are NOT
+                              imported: each is read into a `MegatronObject` record holding
+                              the class name and the values it was built from, so no code of
+                              Megatron (installed or not) runs and any version's enums load
+    deepspeed.* classes       a fixed list of DeepSpeed's plain records (ZeRO stage enum, loss
+                              scaler settings), read into `MegatronObject` records likewise
+
+The file's globals are listed from its pickle opcodes before anything is unpickled; one
+outside the allowlist refuses the file with one line naming the file and the global.
+`torch.distributed.checkpoint` metadata (`.metadata` of a torch_dist directory) is a plain
+pickle of torch's own dataclasses and is read by `load_dcp_metadata` with an unpickler that
+resolves exactly those classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megagrow.errors import UserError
+
+# DeepSpeed's plain records that its checkpoints pickle (read as MegatronObject, never imported).
+_DEEPSPEED_RECORDS = frozenset({
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+class MegatronObject:
+    """A stand-in for an object of a foreign class (a Megatron enum, a DeepSpeed record): its name and values, no behaviour."""
+
+    qualified_name = ""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.args, self.kwargs, self.state = args, kwargs, None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    @property
+    def value(self) -> Any:
+        """What an enum member was built from (its value), else None."""
+        return self.args[0] if len(self.args) == 1 else None
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, MegatronObject) and other.qualified_name == self.qualified_name
+                and other.args == self.args and other.state == self.state)
+
+    def __hash__(self) -> int:
+        return hash((self.qualified_name, repr(self.args)))
+
+    def __repr__(self) -> str:
+        return f"{self.qualified_name}{self.args!r}"
+
+
+def _stand_in(qualified_name: str) -> type:
+    # One subclass per foreign name, so two enums of different classes never compare equal.
+    return type(qualified_name.rsplit(".", 1)[-1], (MegatronObject,), {"qualified_name": qualified_name})
+
+
+def _numpy_globals() -> list:
+    multiarray = getattr(np, "_core", None) or np.core
+    reconstruct = multiarray.multiarray._reconstruct
+    dtype_classes = [type(np.dtype(kind)) for kind in ("uint32", "int64", "float64", "int32", "uint8")]
+    names = [reconstruct, np.ndarray, np.dtype, *dtype_classes]
+    # numpy 1.x pickles arrays as numpy.core.multiarray, 2.x as numpy._core.multiarray: allow both spellings.
+    return names + [(reconstruct, "numpy.core.multiarray._reconstruct"), (reconstruct, "numpy._core.multiarray._reconstruct")]
+
+
+_PLAIN_GLOBALS = [argparse.Namespace, io.BytesIO, *_numpy_globals()]
+
+
+def plain_globals():
+    """A context in which torch.load(weights_only=True) also accepts the plain classes above (not foreign ones)."""
+    return torch.serialization.safe_globals(_PLAIN_GLOBALS)
+
+
+def _foreign_record(name: str) -> bool:
+    return name.startswith("megatron.") or name in _DEEPSPEED_RECORDS
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:200]
+
+
+def checkpoint_globals(path: str | os.PathLike) -> list[str]:
+    """The globals a checkpoint file would need beyond weights_only's own, read without unpickling anything."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign file ends in one line
+        raise UserError(f"{path}: not a readable checkpoint file ({_first_line(err)}); it is damaged or not a "
+                        f"checkpoint") from None
+
+
+def load_file(path: str | os.PathLike, *, mmap: bool = False) -> Any:
+    """Load one checkpoint file with weights_only=True and the allowlist above, or refuse it in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint file not found: {path}")
+    allowed = {f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1] for g in _PLAIN_GLOBALS}
+    stand_ins = []
+    for name in checkpoint_globals(path):
+        if _foreign_record(name):
+            stand_ins.append((_stand_in(name), name))
+        elif name not in allowed:
+            raise UserError(f"{path}: refused, it would import {name!r} when loaded, which can run code; "
+                            f"megagrow loads only tensors and plain data (delete or re-create the file)")
+    try:
+        with torch.serialization.safe_globals(_PLAIN_GLOBALS + stand_ins):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 - pickle/zip errors: the file is damaged
+        raise UserError(f"{path}: cannot be loaded ({_first_line(err)}); the file is damaged or truncated") from None
+
+
+def load_bytes(data: bytes, where: str) -> Any:
+    """Load a torch.save'd object held in memory (a torch_dist byte entry) under the same rules as load_file."""
+    import tempfile
+
+    # get_unsafe_globals_in_checkpoint and the allowlist work on files; these entries are small.
+    with tempfile.NamedTemporaryFile(suffix=".pt") as f:
+        f.write(data)
+        f.flush()
+        try:
+            return load_file(f.name)
+        except UserError as err:
+            raise UserError(str(err).replace(f.name, where)) from None
+
+
+# torch.distributed.checkpoint metadata: torch's own dataclasses, named here one by one.
+_DCP_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.planner", name) for name in (
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "LoadPlan", "ReadItem", "LoadItemType")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint._extension", "StreamTransformExtension"),
+    ("torch", "Size"), ("torch", "strided"), ("torch", "contiguous_format"), ("torch", "preserve_format"),
+    ("torch", "channels_last"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+    ("enum", "Enum"),
+} | {("torch", name) for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8",
+                                 "uint8", "bool", "float8_e4m3fn", "float8_e5m2")}
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _DCP_CLASSES:
+            raise pickle.UnpicklingError(f"it would import {module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_dcp_metadata(path: str | os.PathLike) -> Any:
+    """The `.metadata` of a torch.distributed.checkpoint directory, unpickling only torch's metadata classes."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return _DCPMetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; a torch_dist checkpoint needs its .metadata file") from None
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"{path}: refused or unreadable ({_first_line(err)}); megagrow reads only "
+                        f"torch.distributed.checkpoint metadata") from None
