@@ -87,8 +87,8 @@ def parse_split(split: str) -> list[float]:
 
 def normalise(weights: Sequence[float]) -> list[float]:
     """Weights divided by their float64 numpy sum, as megatron-core normalises splits and blends (same bits)."""
-    # numpy's sum adds in a different order than Python's sum (and than math.fsum), and
-    # a last-bit difference can move a split bound or a blend's tie-break.
+    # From 8 values on numpy sums pairwise, unlike Python's sum (compensated from 3.12 on),
+    # and a last-bit difference can move a split bound or a blend's tie-break.
     array = np.asarray(weights, dtype=np.float64)
     return (array / np.sum(array)).tolist()
 
@@ -98,7 +98,8 @@ def split_document_ranges(weights: Sequence[float], num_documents: int) -> list[
     # megatron-core rounds the cumulative shares, summed left to right in float64, with
     # Python's round (half to even): 3 documents split 1,1 are [0, 2) and [2, 3), 5 are
     # [0, 2) and [2, 5). (Megatron-LM before megatron-core rounded each share and moved
-    # the error into the first split, which cuts elsewhere for a quarter (969,30,1) to half (98,1,1) of all sizes.)
+    # the error into the first split, which cuts elsewhere for a quarter (969,30,1) to
+    # half (98,1,1) of all sizes.)
     bounds, cumulative = [0], 0.0
     for weight in weights:
         cumulative += weight
