@@ -6,23 +6,27 @@
 Sections (add one by writing a function `args -> Table` whose first row is the code under
 test, its arguments in `main`, and an entry in SECTIONS):
   sample_idx  C++ build_sample_idx vs the loop and vectorised numpy references
-  blending    C++ build_blending_indices vs the numpy reference (Tijdeman rule, one sample at a time)
+  blending    C++ build_blending_indices (megatron-core's and Tijdeman's rule) vs megatron-core's own
+              C++ helper (when megatron-core is installed) and the numpy references
   preprocess  tools/preprocess_data.py with 2 workers vs 1 worker
 
 Times are the best of --repeats runs (the Python loops run once). With
 --loop-fraction below 1 the loops run on that share of the samples and their time
-is scaled linearly (both are linear scans); the "measured on" column says so.
+is scaled linearly (both are linear scans); the "measured on" column says so. The
+blending loops run on at most BLEND_LOOP_SAMPLES samples, scaled the same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import math
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -107,26 +111,62 @@ def bench_sample_idx(args: argparse.Namespace) -> Table:
     )
 
 
+def _megatron_core_blending():
+    """megatron-core's build_blending_indices and a note on where it came from, or None when not installed."""
+    try:
+        with warnings.catch_warnings():  # megatron.core warns at import that apex and TE are absent
+            warnings.simplefilter("ignore")
+            from megatron.core.datasets import helpers, helpers_cpp
+    except ImportError:
+        return None
+    # 0.16.1's wheel ships helpers_cpp compiled (GCC, no FMA); it is timed as installed, not rebuilt.
+    note = (f"megatron-core {importlib.metadata.version('megatron-core')}: helpers.build_blending_indices from "
+            f"{Path(helpers_cpp.__file__).name} as installed from its wheel")
+
+    def build(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        # As its BlendedDataset calls it: zeroed output arrays, weights as a list.
+        dataset_index = np.zeros(size, dtype=np.int16)
+        dataset_sample_index = np.zeros(size, dtype=np.int64)
+        helpers.build_blending_indices(dataset_index, dataset_sample_index, weights.tolist(), len(weights), size,
+                                       False)
+        return dataset_index, dataset_sample_index
+
+    return build, note
+
+
+# The numpy loops take ~15 us per sample: time at most this many and scale.
+BLEND_LOOP_SAMPLES = 200_000
+
+
 def bench_blending(args: argparse.Namespace) -> Table:
-    """C++ build_blending_indices against the numpy loop reference."""
+    """C++ build_blending_indices (both rules) against megatron-core's helper and the numpy loop references."""
     weights = np.random.default_rng(args.seed).dirichlet(np.ones(args.datasets))
     size = args.blend_samples
-    expected = build_blending_indices(weights, size)
-    cpp = best_time(lambda: build_blending_indices(weights, size), args.repeats)
-    part = max(1, int(size * args.loop_fraction))
-    loop = best_time(lambda: build_blending_indices_loop(weights, part), 1)
-    reference = build_blending_indices_loop(weights, min(part, 1000))
-    for got, want in zip(reference, expected):
-        np.testing.assert_array_equal(got, want[: len(got)])
+    expected = build_blending_indices(weights, size, "megatron")
+    rows = [("C++ megatron rule (megagrow._helpers)", "all",
+             best_time(lambda: build_blending_indices(weights, size, "megatron"), args.repeats))]
+    notes = [f"weights {np.round(weights, 3).tolist()}"]
+    megatron_core = _megatron_core_blending()
+    if megatron_core is not None:
+        build, note = megatron_core
+        for got, want in zip(build(weights, size), expected):
+            np.testing.assert_array_equal(got, want)  # the same order, bit for bit
+        rows.append(("megatron-core's C++ helper (output arrays allocated as it does)", "all",
+                     best_time(lambda: build(weights, size), args.repeats)))
+        notes.append(note)
+    else:
+        notes.append("megatron-core not installed: no megatron-core row")
+    rows.append(("C++ tijdeman rule (megagrow._helpers)", "all",
+                 best_time(lambda: build_blending_indices(weights, size, "tijdeman"), args.repeats)))
+    part = max(1, min(BLEND_LOOP_SAMPLES, int(size * args.loop_fraction)))
     fraction = f"{part / size:.0%} of samples, scaled" if part < size else "all"
-    return Table(
-        title=f"build_blending_indices: {args.datasets} datasets, {size:,} samples",
-        rows=[
-            ("C++ (megagrow._helpers)", "all", cpp),
-            ("numpy loop reference", fraction, loop * size / part),
-        ],
-        notes=[f"weights {np.round(weights, 3).tolist()}"],
-    )
+    for rule in ("megatron", "tijdeman"):
+        loop = best_time(lambda: build_blending_indices_loop(weights, part, rule), 1)
+        reference = build_blending_indices_loop(weights, min(part, 1000), rule)
+        for got, want in zip(reference, build_blending_indices(weights, min(part, 1000), rule)):
+            np.testing.assert_array_equal(got, want)
+        rows.append((f"numpy loop reference, {rule} rule", fraction, loop * size / part))
+    return Table(title=f"build_blending_indices: {args.datasets} datasets, {size:,} samples", rows=rows, notes=notes)
 
 
 def bench_preprocess(args: argparse.Namespace) -> Table:
@@ -175,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mean-tokens", type=float, default=1000.0, help="mean document length")
     parser.add_argument("--seq-length", type=int, default=2048)
     parser.add_argument("--datasets", type=int, default=5, help="datasets in the blend")
-    parser.add_argument("--blend-samples", type=int, default=500_000)
+    parser.add_argument("--blend-samples", type=int, default=10_000_000)
     parser.add_argument("--loop-fraction", type=float, default=1.0,
                         help="share of the input the Python loop references run on (then scaled)")
     parser.add_argument("--corpus-bytes", type=int, default=20_000_000, help="text for the preprocessing section")

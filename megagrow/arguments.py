@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-cache-path")
     g.add_argument("--num-workers", type=int)
     g.add_argument("--mock-data", action="store_true", help="random tokens (smoke tests, benchmarks)")
+    g.add_argument("--blend-rule", help="blend order: megatron (megatron-core's samples, default) or tijdeman")
     g = p.add_argument_group("model growth (G_stack during the run)")
     g.add_argument("--grow-at-tokens", type=_token_count, help="save at this many tokens, grow in depth, continue")
     g.add_argument("--growth-factor", type=int, help="layers x this factor (default 4)")

@@ -289,6 +289,10 @@ class TrainConfig:
             raise UserError(f"--zero-stage {self.zero_stage}: ZeRO stages are 0, 1, 2 and 3")
 
 
+# Orders of a blend's samples (megagrow/data/blended_dataset.py): megatron-core's, or Tijdeman's.
+BLEND_RULES = ("megatron", "tijdeman")
+
+
 @dataclass
 class DataConfig:
     """Where the tokens come from: Megatron's --data-path blend, split, tokenizer and index cache."""
@@ -300,7 +304,12 @@ class DataConfig:
     num_workers: int = 0
     # Synthetic uniform tokens instead of a dataset: for smoke tests and benchmarks only.
     mock_data: bool = False
+    # "megatron": megatron-core's blend order (its samples); "tijdeman": every prefix of the
+    # stream within one sample of the weights, also with four or more datasets.
+    blend_rule: str = "megatron"
 
     def __post_init__(self):
         if not self.data_path and not self.mock_data:
             raise UserError("no training data: pass --data-path PREFIX (or weight/prefix pairs), or --mock-data")
+        if self.blend_rule not in BLEND_RULES:
+            raise UserError(f"--blend-rule {self.blend_rule!r}: choose one of {', '.join(BLEND_RULES)}")

@@ -9,10 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data_factory import random_documents, write_dataset
+from megagrow.arguments import parse_args
 from megagrow.data.blended_dataset import (
     BlendComponent,
     BlendedDataset,
     blend_sample_counts,
+    blend_shares,
     build_blended_datasets,
     parse_data_path,
 )
@@ -81,56 +83,83 @@ def test_bad_mix_file_names_the_line(tmp_path, prefixes, text, message):
         parse_data_path([f"@{tmp_path / 'absent.txt'}"])
 
 
+def _prefix_counts(dataset_index, num_datasets):
+    """counts[n - 1, d]: samples of dataset d among the first n of the blend."""
+    return np.cumsum(np.eye(num_datasets, dtype=np.int64)[dataset_index], axis=0)
+
+
 @settings(max_examples=100, deadline=None)
 @given(
-    weights=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=8).filter(lambda w: sum(w) > 1e-3),
+    weights=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=10).filter(lambda w: sum(w) > 1e-3),
     size=st.integers(0, 2000),
+    rule=st.sampled_from(["megatron", "tijdeman"]),
 )
-def test_blend_stays_within_one_sample_of_the_weights(weights, size):
+def test_cpp_blend_equals_the_reference_and_counts_up(weights, size, rule):
     weights = np.asarray(weights) / sum(weights)
-    dataset_index, dataset_sample_index = build_blending_indices(weights, size)
-    reference = build_blending_indices_loop(weights, min(size, 300))
+    dataset_index, dataset_sample_index = build_blending_indices(weights, size, rule)
+    reference = build_blending_indices_loop(weights, min(size, 300), rule)
     np.testing.assert_array_equal(dataset_index[:300], reference[0])
     np.testing.assert_array_equal(dataset_sample_index[:300], reference[1])
-
-    counts = np.cumsum(np.eye(len(weights), dtype=np.int64)[dataset_index], axis=0)  # counts[n-1, d]
-    excess = counts - np.outer(np.arange(1, size + 1), weights)
-    # Tijdeman's bound: 1 - 1/(2k - 2) for k datasets of positive weight, so always < 1.
-    k = int(np.count_nonzero(weights))
-    bound = 1 - 1 / (2 * k - 2) if k > 1 else 0.0
-    assert np.abs(excess).max(initial=0) <= bound + 1e-9
+    counts = _prefix_counts(dataset_index, len(weights))
+    assert not np.any((weights == 0)[dataset_index])  # a dataset of weight 0 is never chosen
     for d in range(len(weights)):  # sample indices count up per dataset
         expected = np.arange(counts[-1, d] if size else 0)
         np.testing.assert_array_equal(dataset_sample_index[dataset_index == d], expected)
+    if rule == "tijdeman":
+        # Tijdeman's bound: 1 - 1/(2k - 2) for k datasets of positive weight, so always < 1.
+        excess = counts - np.outer(np.arange(1, size + 1), weights)
+        k = int(np.count_nonzero(weights))
+        bound = 1 - 1 / (2 * k - 2) if k > 1 else 0.0
+        assert np.abs(excess).max(initial=0) <= bound + 1e-9
 
 
-def test_blend_keeps_four_datasets_within_one_sample_where_argmax_does_not():
-    # With weights 3:99:7:99, always picking the largest lag leaves dataset 3 more than one
-    # sample behind after 166 samples; the rule used here never does.
+def test_tijdeman_keeps_four_datasets_within_one_sample_where_megatron_does_not():
+    # Weights 3:99:7:99: after 15 samples megatron-core's rule has given the last dataset
+    # 1.14 samples more than its share; Tijdeman's rule stays within 1 - 1/6 everywhere.
     weights = np.array([3, 99, 7, 99]) / 208
-    dataset_index, _ = build_blending_indices(weights, 2000)
-    counts = np.cumsum(np.eye(4, dtype=np.int64)[dataset_index], axis=0)
-    lag = np.outer(np.arange(1, 2001), weights) - counts
-    assert np.abs(lag).max() < 1
-    argmax_counts = np.zeros(4)
-    for n in range(1, 167):
-        argmax_counts[np.argmax(weights * n - argmax_counts)] += 1
-    assert 166 * weights[3] - argmax_counts[3] > 1
+    deviation = {}
+    for rule in ("megatron", "tijdeman"):
+        dataset_index, _ = build_blending_indices(weights, 2000, rule)
+        lag = np.outer(np.arange(1, 2001), weights) - _prefix_counts(dataset_index, 4)
+        deviation[rule] = np.abs(lag).max(axis=1)
+    assert deviation["megatron"][14] > 1.1
+    assert deviation["tijdeman"].max() <= 1 - 1 / 6 + 1e-9
 
 
-def test_blend_sample_counts_add_the_margin():
-    assert blend_sample_counts([0.7, 0.3], 1000) == [math.ceil(0.7 * 1000 * 1.005), math.ceil(0.3 * 1000 * 1.005)]
+def test_blend_rule_is_checked():
+    with pytest.raises(ValueError, match="rule must be 'megatron' or 'tijdeman'"):
+        build_blending_indices(np.array([0.5, 0.5]), 10, "argmax")
+    with pytest.raises(UserError, match="--blend-rule 'argmax': choose one of megatron, tijdeman"):
+        BlendedDataset([None, None], [0.5, 0.5], 10, "unused", rule="argmax")
+
+
+def test_blend_rule_flag_reaches_the_data_config():
+    flags = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "16",
+             "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1", "--mock-data"]
+    assert parse_args(flags).data.blend_rule == "megatron"
+    assert parse_args([*flags, "--blend-rule", "tijdeman"]).data.blend_rule == "tijdeman"
+    with pytest.raises(UserError, match="--blend-rule 'argmax': choose one of megatron, tijdeman"):
+        parse_args([*flags, "--blend-rule", "argmax"])
+
+
+def test_blend_sample_counts_are_megatron_cores():
+    # Shares ceil(N * w_d) sum to the blend's length; each dataset builds 0.5% more, rounded up.
+    assert blend_shares([0.7, 0.3], 1000) == [700, 300]
+    assert blend_sample_counts([0.7, 0.3], 1000) == [math.ceil(700 * 1.005), math.ceil(300 * 1.005)]
+    assert blend_shares([1 / 3] * 3, 10) == [4, 4, 4]
+    assert blend_sample_counts([1 / 3] * 3, 10) == [5, 5, 5]
     assert blend_sample_counts([0.5, 0.5], None) == [None, None]
 
 
 def test_blend_returns_the_samples_it_points_to(tmp_path, prefixes, caplog):
     config = GPTDatasetConfig(seq_length=16, seed=2, split="90,10,0")
     data_path = ["0.5", prefixes[0], "0.3", prefixes[1], "0.2", prefixes[2]]
-    train, valid, test = build_blended_datasets(data_path, config, [400, 30, 0])
-    assert isinstance(train, BlendedDataset) and len(train) == 400 and len(valid) == 30 and test is None
-    for d, (dataset, weight) in enumerate(zip(train.datasets, [0.5, 0.3, 0.2])):
-        assert isinstance(dataset, GPTDataset) and dataset.num_samples == math.ceil(weight * 400 * 1.005)
-        assert abs(np.count_nonzero(train.dataset_index == d) - weight * 400) <= 1
+    train, valid, test = build_blended_datasets(data_path, config, [401, 30, 0])
+    # Shares ceil(401 * w) = 201, 121, 81 (sum 403) and ceil(30 * w) = 15, 9, 6.
+    assert isinstance(train, BlendedDataset) and len(train) == 403 and len(valid) == 30 and test is None
+    for d, (dataset, share) in enumerate(zip(train.datasets, [201, 121, 81])):
+        assert isinstance(dataset, GPTDataset) and dataset.num_samples == math.ceil(share * 1.005)
+        assert abs(np.count_nonzero(train.dataset_index == d) - share) <= 1
     for k in range(len(train)):
         item = train[k]
         d, s = int(train.dataset_index[k]), int(train.dataset_sample_index[k])
@@ -138,12 +167,14 @@ def test_blend_returns_the_samples_it_points_to(tmp_path, prefixes, caplog):
         np.testing.assert_array_equal(item["tokens"].numpy(), train.datasets[d][s]["tokens"].numpy())
 
     caplog.set_level(logging.INFO, logger="megagrow.data")
-    again = build_blended_datasets(data_path, config, [400, 30, 0])[0]
+    again = build_blended_datasets(data_path, config, [401, 30, 0])[0]
     assert {r.getMessage().split()[0] for r in caplog.records} == {"loaded"}
     assert again.cache_key == train.cache_key
     np.testing.assert_array_equal(again.dataset_index, train.dataset_index)
     reweighted = ["0.4", prefixes[0], "0.4", prefixes[1], "0.2", prefixes[2]]
-    assert build_blended_datasets(reweighted, config, [400, 30, 0])[0].cache_key != train.cache_key
+    assert build_blended_datasets(reweighted, config, [401, 30, 0])[0].cache_key != train.cache_key
+    tijdeman = build_blended_datasets(data_path, config, [401, 30, 0], blend_rule="tijdeman")[0]
+    assert tijdeman.cache_key != train.cache_key and len(tijdeman) == 403
 
 
 def test_single_prefix_gives_plain_gpt_datasets(prefixes):

@@ -99,9 +99,14 @@ def test_parse_split():
             parse_split(bad)
 
 
-def test_split_ranges_are_contiguous_with_megatron_rounding():
-    # Each share rounds to 3; the missing document goes to the first split.
-    assert split_document_ranges([1 / 3, 1 / 3, 1 / 3], 10) == [(0, 4), (4, 7), (7, 10)]
+def test_split_ranges_cut_at_the_rounded_cumulative_shares():
+    # megatron-core: round(1/3 * 10) = 3, round(2/3 * 10) = 7 (the old Megatron-LM rule
+    # rounded each share to 3 and gave the missing document to train: 4, 3, 3).
+    assert split_document_ranges([1 / 3, 1 / 3, 1 / 3], 10) == [(0, 3), (3, 7), (7, 10)]
+    # Python's round goes half to even: 1.5 -> 2 and 2.5 -> 2.
+    assert split_document_ranges([0.5, 0.5, 0.0], 3) == [(0, 2), (2, 3), (3, 3)]
+    assert split_document_ranges([0.5, 0.5, 0.0], 5) == [(0, 2), (2, 5), (5, 5)]
+    assert split_document_ranges(parse_split("969,30,1"), 49) == [(0, 47), (47, 49), (49, 49)]
     rng = np.random.default_rng(0)
     for _ in range(50):
         weights = parse_split(",".join(str(w) for w in rng.integers(0, 100, 3) + [1, 0, 0]))

@@ -1,4 +1,4 @@
-"""Weighted blends of GPT datasets (`--data-path 0.7 code 0.3 prose`) in an order that keeps every prefix within one sample of the weights.
+"""Weighted blends of GPT datasets (`--data-path 0.7 code 0.3 prose`), sample for sample as megatron-core 0.16 blends them.
 
 `--data-path` takes either one dataset prefix, or weight/prefix pairs. Instead of
 the list it may name a file as `--data-path @mix.txt`, one `weight prefix` pair
@@ -6,11 +6,23 @@ per line; `#` starts a comment, blank lines are skipped, and relative prefixes
 are resolved against the file's directory so a mix file can live beside its data.
 Weights are normalised to sum to 1.
 
-Sample k of a blend of N samples comes from the dataset d that is furthest behind
-its share, argmax_d (w_d * (k + 1) - count_d), so every prefix of the stream
-holds each dataset within one sample of its weight. Each dataset is asked for
-ceil(w_d * N * 1.005) samples so that rounding never runs it dry. The two blend
-arrays are built in C++ and cached by `index_cache`, like the GPT indices.
+For a split of N samples, dataset d contributes its share ceil(N * w_d); the blend
+holds the sum of the shares (at least N), and dataset d is asked for
+ceil(share_d * 1.005) samples, so the order below never runs it dry. The order
+(`--blend-rule`):
+
+- megatron (default): sample k comes from the dataset with the largest lag
+  w_d * max(k, 1) - count_d, ties to the lowest index — megatron-core's rule, so
+  the same prefixes, weights, seed and split give megatron-core's samples.
+- tijdeman: Tijdeman's rule (see csrc/helpers.cpp), which keeps every prefix of
+  the stream within one sample of the weights for any number of datasets;
+  megatron-core's rule drifts further with three or more datasets (with weights
+  3:99:7:99 the first 15 samples hold 1.14 samples too many of the last dataset).
+
+A split of no given size (None) blends as many samples as the datasets' single
+epochs hold before the first runs out (megatron-core refuses weights without a
+size). Datasets of weight 0 are never read. The two blend arrays are built in C++
+and cached by `index_cache`, like the GPT indices.
 """
 
 from __future__ import annotations
@@ -24,15 +36,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from megagrow.config import BLEND_RULES
 from megagrow.data import index_cache
-from megagrow.data.gpt_dataset import SPLIT_NAMES, GPTDataset, GPTDatasetConfig, build_gpt_datasets
+from megagrow.data.gpt_dataset import SPLIT_NAMES, GPTDataset, GPTDatasetConfig, build_gpt_datasets, normalise
 from megagrow.data.indexed_dataset import dataset_exists
 from megagrow.data.native import build_blending_indices
 from megagrow.errors import UserError
 
 INDEX_NAMES = ("dataset_index", "dataset_sample_index")
-# Extra share each dataset provides beyond its weight, so the blend never runs out.
-SAMPLE_MARGIN = 1.005
+# Extra share of samples each dataset builds beyond its share of the blend (megatron-core's
+# mid_level_dataset_surplus), so the blending order never runs it dry.
+SAMPLE_SURPLUS = 0.005
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,24 +141,37 @@ def _normalise(pairs: list[tuple[float, str, str]]) -> list[BlendComponent]:
             f"dataset not found: {', '.join(missing)}; pass prefixes without .bin/.idx, "
             f"as written by tools/preprocess_data.py"
         )
-    total = sum(weight for weight, _, _ in pairs)
-    if total <= 0:
+    if sum(weight for weight, _, _ in pairs) <= 0:
         raise UserError(f"blend weights ({pairs[0][2]}) sum to 0; give at least one dataset a positive weight")
-    return [BlendComponent(weight / total, prefix) for weight, prefix, _ in pairs]
+    weights = normalise([weight for weight, _, _ in pairs])
+    return [BlendComponent(weight, prefix) for weight, (_, prefix, _) in zip(weights, pairs)]
+
+
+def blend_shares(weights: Sequence[float], num_samples: int | None) -> list[int | None]:
+    """Samples of each dataset in a blend asked for num_samples: ceil(num_samples * w_d) (None stays None)."""
+    if num_samples is None:
+        return [None] * len(weights)
+    return [math.ceil(num_samples * weight) for weight in weights]
 
 
 def blend_sample_counts(weights: Sequence[float], num_samples: int | None) -> list[int | None]:
-    """Samples to request from each dataset so a blend of num_samples never runs out (None stays None)."""
-    if num_samples is None:
-        return [None] * len(weights)
-    return [math.ceil(weight * num_samples * SAMPLE_MARGIN) for weight in weights]
+    """Samples to build from each dataset for a blend asked for num_samples: its share plus the surplus."""
+    return [None if share is None else math.ceil(share * (1 + SAMPLE_SURPLUS))
+            for share in blend_shares(weights, num_samples)]
+
+
+def check_blend_rule(rule: str) -> None:
+    """Refuse an unknown blending rule in one line naming the flag."""
+    if rule not in BLEND_RULES:
+        raise UserError(f"--blend-rule {rule!r}: choose one of {', '.join(BLEND_RULES)}")
 
 
 class BlendedDataset(index_cache.PicklesByCacheLocation, torch.utils.data.Dataset):
-    """`size` samples drawn from `datasets` in the blending order for `weights`; items carry their dataset_id.
+    """`size` samples drawn from `datasets` in the blending order of `rule`; items carry their dataset_id.
 
-    size None: as many samples as the datasets hold before the first one runs out.
-    A dataset of weight 0 is never read and may be None.
+    The weights are normalised here again, as megatron-core's BlendedDataset does, so
+    the order sees the same bits. size None: as many samples as the datasets hold
+    before the first one runs out. A dataset of weight 0 is never read and may be None.
     """
 
     index_names = INDEX_NAMES
@@ -156,16 +183,20 @@ class BlendedDataset(index_cache.PicklesByCacheLocation, torch.utils.data.Datase
         size: int | None,
         cache_dir: str | os.PathLike,
         label: str = "",
+        rule: str = "megatron",
     ):
         if len(datasets) != len(weights):
             raise ValueError(f"{len(datasets)} datasets but {len(weights)} weights")
+        check_blend_rule(rule)
         self.datasets = list(datasets)
-        self.weights = np.asarray(weights, dtype=np.float64)
+        self.weights = np.asarray(normalise(weights), dtype=np.float64)
+        self.rule = rule
         lengths = [len(d) if d is not None else 0 for d in self.datasets]
         description = {
             "datasets": [d.cache_key if d is not None else None for d in self.datasets],
             "weights": self.weights.tolist(),
             "size": size,
+            "blend_rule": rule,
         }
         self.cache_key = index_cache.cache_key("blend", description)
         self.cache_dir = Path(cache_dir)
@@ -174,7 +205,7 @@ class BlendedDataset(index_cache.PicklesByCacheLocation, torch.utils.data.Datase
             "blend",
             description,
             INDEX_NAMES,
-            lambda: _blending_indices(self.weights, size, lengths),
+            lambda: _blending_indices(self.weights, size, lengths, rule),
             label=label,
         )
         self.dataset_index, self.dataset_sample_index = (indices[name] for name in INDEX_NAMES)
@@ -195,11 +226,12 @@ class BlendedDataset(index_cache.PicklesByCacheLocation, torch.utils.data.Datase
         return {**sample, "dataset_id": dataset_id}
 
 
-def _blending_indices(weights: np.ndarray, size: int | None, lengths: Sequence[int]) -> dict[str, np.ndarray]:
+def _blending_indices(weights: np.ndarray, size: int | None, lengths: Sequence[int],
+                      rule: str) -> dict[str, np.ndarray]:
     """The blend order, cut before the first sample a dataset cannot provide."""
     if size is None:
         size = int(min(n / w for n, w in zip(lengths, weights) if w > 0))
-    dataset_index, dataset_sample_index = build_blending_indices(weights, size)
+    dataset_index, dataset_sample_index = build_blending_indices(weights, size, rule)
     available = np.asarray(lengths, dtype=np.int64)[dataset_index]
     runs_out = np.flatnonzero(dataset_sample_index >= available)
     if len(runs_out):
@@ -208,9 +240,14 @@ def _blending_indices(weights: np.ndarray, size: int | None, lengths: Sequence[i
 
 
 def build_blended_datasets(
-    data_path: Sequence[str], config: GPTDatasetConfig, num_samples: Sequence[int | None]
+    data_path: Sequence[str], config: GPTDatasetConfig, num_samples: Sequence[int | None],
+    blend_rule: str = "megatron",
 ) -> list[torch.utils.data.Dataset | None]:
-    """Train, valid and test datasets for a `--data-path` value: plain GPT datasets for one prefix, else blends."""
+    """Train, valid and test datasets for a `--data-path` value: plain GPT datasets for one prefix, else blends.
+
+    A blend asked for N samples holds sum_d ceil(N * w_d) of them, as megatron-core's does.
+    """
+    check_blend_rule(blend_rule)
     components = parse_data_path(data_path)
     if len(components) == 1:
         return build_gpt_datasets(components[0].prefix, config, num_samples)
@@ -227,6 +264,7 @@ def build_blended_datasets(
         if all(d is None for d in datasets):
             blends.append(None)
             continue
-        label = f"the {name} split of {len(components)} datasets ({size if size is not None else 'all'} samples)"
-        blends.append(BlendedDataset(datasets, weights, size, cache_dir, label=label))
+        length = None if size is None else sum(blend_shares(weights, size))
+        label = f"the {name} split of {len(components)} datasets ({length if length is not None else 'all'} samples)"
+        blends.append(BlendedDataset(datasets, weights, length, cache_dir, label=label, rule=blend_rule))
     return blends

@@ -1,9 +1,10 @@
 """GPT pre-training samples: fixed-length windows over a shuffled, multi-epoch document stream.
 
-Megatron's algorithm:
+megatron-core 0.16's algorithm, sample for sample:
 
 - `--split 969,30,1` cuts the dataset's documents (each sequence of the indexed
-  dataset is one document) into contiguous train/valid/test ranges.
+  dataset is one document) into contiguous train/valid/test ranges at the rounded
+  cumulative shares, round((w_0 + ... + w_i) * num_documents).
 - `doc_idx` lists a split's documents once per epoch, shuffled. When the last of
   several epochs is needed for less than 80% of its samples it is shuffled on its
   own ("separate final epoch"); otherwise the few samples taken from it would come
@@ -81,20 +82,28 @@ def parse_split(split: str) -> list[float]:
     if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
         raise UserError(f"--split {split!r}: weights must be non-negative with a positive sum; {remedy}")
     weights += [0.0] * (len(SPLIT_NAMES) - len(weights))
-    total = sum(weights)
-    return [w / total for w in weights]
+    return normalise(weights)
+
+
+def normalise(weights: Sequence[float]) -> list[float]:
+    """Weights divided by their float64 numpy sum, as megatron-core normalises splits and blends (same bits)."""
+    # From 8 values on numpy sums pairwise, unlike Python's sum (compensated from 3.12 on),
+    # and a last-bit difference can move a split bound or a blend's tie-break.
+    array = np.asarray(weights, dtype=np.float64)
+    return (array / np.sum(array)).tolist()
 
 
 def split_document_ranges(weights: Sequence[float], num_documents: int) -> list[tuple[int, int]]:
-    """Contiguous [start, stop) document ranges for normalised split weights."""
-    # Megatron's rounding: each split's size is rounded on its own and the rounding
-    # error is absorbed by the first split, so the same --split cuts at the same
-    # documents in both codebases.
-    bounds = [0]
+    """Contiguous [start, stop) document ranges for normalised split weights, cut where megatron-core cuts."""
+    # megatron-core rounds the cumulative shares, summed left to right in float64, with
+    # Python's round (half to even): 3 documents split 1,1 are [0, 2) and [2, 3), 5 are
+    # [0, 2) and [2, 5). (Megatron-LM before megatron-core rounded each share and moved
+    # the error into the first split, which cuts elsewhere for a quarter (969,30,1) to
+    # half (98,1,1) of all sizes.)
+    bounds, cumulative = [0], 0.0
     for weight in weights:
-        bounds.append(bounds[-1] + int(round(weight * num_documents)))
-    excess = bounds[-1] - num_documents
-    bounds = [bounds[0]] + [b - excess for b in bounds[1:]]
+        cumulative += weight
+        bounds.append(int(round(cumulative * float(num_documents))))
     return list(zip(bounds[:-1], bounds[1:]))
 
 

@@ -39,7 +39,8 @@ from megagrow.errors import UserError
 logger = logging.getLogger("megagrow.data")
 
 # Bump whenever the content of any cached array changes meaning, so old caches are ignored.
-FORMAT_VERSION = 1
+# 2: blends follow megatron-core (its order, length sum_d ceil(N * w_d), per-dataset sizes).
+FORMAT_VERSION = 2
 _HASH_CHARS = 32
 
 

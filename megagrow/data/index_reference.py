@@ -79,15 +79,44 @@ def build_sample_idx_vectorized(sizes, doc_idx, seq_length: int, num_samples: in
     return sample_idx
 
 
-def build_blending_indices_loop(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tijdeman's blending rule, one sample at a time (see csrc/helpers.cpp for the rule)."""
-    weights = np.asarray(weights, dtype=np.float64)
+def _check_blend_arguments(weights: np.ndarray, size: int) -> None:
     if len(weights) == 0:
         raise ValueError("build_blending_indices: no weights given")
     if size < 0:
         raise ValueError("build_blending_indices: size must be >= 0")
     if not np.all(weights >= 0):
         raise ValueError("build_blending_indices: weights must be >= 0")
+
+
+def build_blending_indices_loop(weights, size: int, rule: str = "megatron") -> tuple[np.ndarray, np.ndarray]:
+    """The blending order of `rule` ("megatron" or "tijdeman"), one sample at a time (see csrc/helpers.cpp)."""
+    weights = np.asarray(weights, dtype=np.float64)
+    _check_blend_arguments(weights, size)
+    if rule == "megatron":
+        return _blend_megatron_loop(weights, size)
+    if rule == "tijdeman":
+        return _blend_tijdeman_loop(weights, size)
+    raise ValueError(f"build_blending_indices: rule must be 'megatron' or 'tijdeman', got {rule!r}")
+
+
+def _blend_megatron_loop(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Largest lag w_d * max(k, 1) - count_d among positive weights, ties to the lowest index."""
+    positive = weights > 0
+    counts = np.zeros(len(weights), dtype=np.int64)
+    dataset_index = np.empty(size, dtype=np.int16)
+    dataset_sample_index = np.empty(size, dtype=np.int64)
+    for step in range(size):
+        # float64 product, then difference, as in the C++; argmax takes the first maximum.
+        lag = np.where(positive, weights * float(max(step, 1)) - counts, -np.inf)
+        best = int(np.argmax(lag))
+        dataset_index[step] = best
+        dataset_sample_index[step] = counts[best]
+        counts[best] += 1
+    return dataset_index, dataset_sample_index
+
+
+def _blend_tijdeman_loop(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Among datasets lagging by at least c = 1/(2k-2), the one whose next sample is due soonest."""
     positive = weights > 0
     k = int(positive.sum())
     c = 1.0 / (2 * k - 2) if k > 1 else 0.0

@@ -67,7 +67,8 @@ def build_datasets(data: DataConfig, seq_length: int, vocab_size: int, seed: int
         valid = MockGPTDataset(counts.valid, seq_length, vocab_size, seed + 1) if counts.valid else None
         return RunDatasets(MockGPTDataset(counts.train, seq_length, vocab_size, seed), valid, {})
     config = GPTDatasetConfig(seq_length=seq_length, seed=seed, split=data.split, cache_path=data.data_cache_path)
-    train, valid, _ = build_blended_datasets(data.data_path, config, [counts.train, counts.valid, None])
+    train, valid, _ = build_blended_datasets(data.data_path, config, [counts.train, counts.valid, None],
+                                             blend_rule=data.blend_rule)
     components = parse_data_path(data.data_path)
     domain_valid = {}
     if len(components) > 1 and counts.valid:
