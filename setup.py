@@ -26,6 +26,9 @@ setup(
         "torch>=2.1",
         "numpy>=1.24",
         "sentencepiece>=0.1.99",
+        # --tokenizer-type HuggingFaceTokenizer reads tokenizer.json with it: Megatron-LM's Llama
+        # scripts default to that type, and Llama-3-style vocabularies ship only as tokenizer.json.
+        "tokenizers>=0.15",
         "tqdm>=4.60",
         "pyyaml>=6.0",
         "scipy>=1.10",  # BiMix law fit and mixture solver

@@ -3,19 +3,27 @@
 Precedence, lowest first: ModelConfig defaults, `--model-preset`, the YAML file, explicit
 flags. YAML keys are the flag names with underscores (`num_layers: 4`). Megatron flags
 that only restate what a Llama model is (`--swiglu`, `--normalization RMSNorm`, ...) are
-accepted so existing launch scripts run; values megagrow cannot honour are refused.
+accepted so existing launch scripts run; values megagrow cannot honour are refused. The
+kernel, logging and feature flags of stock Megatron scripts are in megagrow/megatron_flags.py:
+each is followed (accepted, --help says how) or refused with one line saying why.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
+import sys
 from dataclasses import dataclass
 
 from megagrow.config import DataConfig, ModelConfig, ParallelConfig, TrainConfig, model_preset, validate_parallel
 from megagrow.errors import UserError
+from megagrow.megatron_flags import add_megatron_flags, check_megatron_flags, samples_to_iterations
+from megagrow.model.recompute import LayerRecompute
 from megagrow.parallel.pipeline import partition_layers
+
+logger = logging.getLogger("megagrow")
 
 # flag dest -> ModelConfig field (where the names differ)
 _MODEL_FIELDS = {
@@ -49,9 +57,17 @@ def _token_count(text: str) -> int:
     return int(value)
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad or unknown flag is reported in one line instead of the whole usage text."""
+
+    def error(self, message):
+        print(f"error: {message} (pretrain_gpt.py --help lists the flags)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The pretrain_gpt.py argument parser (every default None, so set flags can be told apart)."""
-    p = argparse.ArgumentParser(description="Pre-train a Llama model (Megatron-style flags)", argument_default=None)
+    p = _OneLineErrorParser(description="Pre-train a Llama model (Megatron-style flags)", argument_default=None)
     p.add_argument("--config", help="YAML file of settings (keys are flag names with underscores)")
     p.add_argument("--model-preset", help="start from a named architecture: tinyllama-1.1b, llama2-7b, tiny, small-cpu")
     g = p.add_argument_group("model")
@@ -61,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("--norm-epsilon", float), ("--make-vocab-size-divisible-by", int),
                        ("--init-method-std", float)):
         g.add_argument(flag, type=kind)
+    g.add_argument("--num-key-value-heads", type=int, help="Megatron-DeepSpeed's name for --num-query-groups")
     g.add_argument("--untie-embeddings-and-output-weights", dest="tie_embeddings", action="store_false", default=None,
                    help="separate output head (Llama's default here)")
     g.add_argument("--tie-embeddings", dest="tie_embeddings", action="store_true", default=None,
@@ -69,18 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--swiglu", "--disable-bias-linear", "--use-rotary-position-embeddings", "--no-position-embedding",
                  "--group-query-attention", "--use-flash-attn", "--no-masked-softmax-fusion"):
         g.add_argument(flag, action="store_true")
-    g.add_argument("--normalization")
+    g.add_argument("--normalization", help="RMSNorm (any case, e.g. Megatron-DeepSpeed's rmsnorm); LayerNorm is refused")
     g.add_argument("--position-embedding-type")
     g.add_argument("--attention-dropout", type=float)
     g.add_argument("--hidden-dropout", type=float)
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int)
     g.add_argument("--pipeline-model-parallel-size", type=int)
-    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--sequence-parallel", action="store_true", help="with tp=1 it is turned off, as in Megatron-LM")
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", dest="overlap_grad_reduce", action="store_true", default=None,
+                   help="megagrow's default: the dp gradient reduction overlaps the backward pass")
     g.add_argument("--no-overlap-grad-reduce", dest="overlap_grad_reduce", action="store_false", default=None)
     g.add_argument("--pipeline-layer-split", type=int, nargs="+", help="layers per stage, e.g. 5 6 6 5")
-    g.add_argument("--distributed-backend", choices=["nccl", "gloo"])
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], help="default: nccl with CUDA, else gloo")
+    g.add_argument("--distributed-timeout-minutes", type=int,
+                   help="timeout of every collective (default 10, as Megatron); a hung rank fails the job after it")
     g.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     g = p.add_argument_group("DeepSpeed (ZeRO); DeepSpeed's own argument names")
     g.add_argument("--deepspeed", action="store_true", help="let the DeepSpeed engine reduce, shard and update")
@@ -97,10 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
                        ("--hysteresis", int)):
         g.add_argument(flag, type=kind)
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"])
+    g.add_argument("--optimizer", help="adam: AdamW with decoupled weight decay, as Megatron's adam (sgd is refused)")
+    g.add_argument("--train-samples", type=int, help="run length in samples (a whole number of global batches)")
+    g.add_argument("--lr-decay-samples", type=int, help="as --lr-decay-iters, in samples of whole global batches")
+    g.add_argument("--lr-warmup-samples", type=int, help="as --lr-warmup-iters, in samples of whole global batches")
+    g.add_argument("--lr-warmup-fraction", type=float, help="warm-up as a fraction of the decay iterations")
     g.add_argument("--bf16", action="store_true")
     g = p.add_argument_group("memory and speed (results unchanged)")
     g.add_argument("--recompute-granularity", choices=["full", "selective"],
                    help="recompute each decoder layer (full) or only core attention (selective) in backward")
+    g.add_argument("--recompute-method", choices=["uniform", "block"],
+                   help="with full: uniform recomputes chunks of --recompute-num-layers layers; block recomputes "
+                        "only the first --recompute-num-layers layers of each pipeline stage")
+    g.add_argument("--recompute-num-layers", type=int, help="layers per chunk (uniform) or per stage (block); default 1")
+    g.add_argument("--recompute-activations", action="store_true", help="Megatron's shorthand for selective")
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="Megatron-DeepSpeed's shorthand for full, uniform, --checkpoint-num-layers per chunk")
+    g.add_argument("--checkpoint-num-layers", type=int, help="chunk size for --checkpoint-activations (default 1)")
     g.add_argument("--cross-entropy-chunk-size", type=int,
                    help="compute the output head and loss this many tokens at a time (0: all at once)")
     g.add_argument("--compile-mlp", action="store_true", help="fuse the SwiGLU gate with torch.compile")
@@ -114,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int)
     g.add_argument("--mock-data", action="store_true", help="random tokens (smoke tests, benchmarks)")
     g.add_argument("--blend-rule", help="blend order: megatron (megatron-core's samples, default) or tijdeman")
+    g.add_argument("--dataloader-type", help="single: the samples in order; cyclic: Megatron's random sampler, a new "
+                                             "permutation every epoch (training data; evaluation reads in order)")
+    g.add_argument("--no-data-sharding", dest="data_sharding", action="store_false", default=None,
+                   help="cyclic: permute the whole epoch, not each data-parallel rank's bucket")
     g = p.add_argument_group("model growth (G_stack during the run)")
     g.add_argument("--grow-at-tokens", type=_token_count, help="save at this many tokens, grow in depth, continue")
     g.add_argument("--growth-factor", type=int, help="layers x this factor (default 4)")
@@ -126,13 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(flag, type=kind)
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--no-save-optim", action="store_true", help="save the weights without the optimizer state")
+    g.add_argument("--no-save-rng", action="store_true", help="save without the RNG states")
+    g.add_argument("--ckpt-format", help="torch (megagrow's default) or torch_dist")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model's architecture from the --load checkpoint")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="with --load holding no checkpoint: stop with an error instead of training from scratch")
     g.add_argument("--exit-signal-handler", action="store_true", help="accepted; SIGTERM always saves and exits")
+    add_megatron_flags(p)
     return p
 
 
 def _explicit(namespace: argparse.Namespace) -> dict:
     """Flags the user set: store_true flags count only when True, others when not None."""
-    flags_that_may_be_false = {"tie_embeddings", "overlap_grad_reduce"}
+    flags_that_may_be_false = {"tie_embeddings", "overlap_grad_reduce", "data_sharding"}
     return {k: v for k, v in vars(namespace).items()
             if v is not None and (v is not False or k in flags_that_may_be_false)}
 
@@ -157,7 +203,7 @@ def _read_yaml(path: str) -> dict:
 
 
 def _check_llama_flags(v: dict) -> None:
-    if v.get("normalization", "RMSNorm") != "RMSNorm":
+    if v.get("normalization", "RMSNorm").lower() != "rmsnorm":
         raise UserError(f"--normalization {v['normalization']}: megagrow builds Llama models, which use RMSNorm")
     if v.get("position_embedding_type", "rope") != "rope":
         raise UserError(f"--position-embedding-type {v['position_embedding_type']}: Llama models use rope")
@@ -178,16 +224,14 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     values = _explicit(namespace)
     if "config" in values:
         values = {**_read_yaml(values["config"]), **values}
+    check_megatron_flags(values)
+    values = _megatron_synonyms(samples_to_iterations(values))
     _check_llama_flags(values)
 
     model_fields = {field: values[flag] for flag, field in _MODEL_FIELDS.items() if flag in values}
     if "tie_embeddings" in values:
         model_fields["tie_embeddings"] = values["tie_embeddings"]
-    if values.get("tokenizer_model"):
-        tokenizer_vocab = _tokenizer_vocab_size(values)
-        if model_fields.setdefault("vocab_size", tokenizer_vocab) != tokenizer_vocab:
-            raise UserError(f"--vocab-size {model_fields['vocab_size']} differs from the {tokenizer_vocab} pieces of "
-                            f"--tokenizer-model {values['tokenizer_model']}; drop --vocab-size to use the tokenizer's")
+    _vocab_from_tokenizer(values, model_fields)
     if "model_preset" in values:
         model = model_preset(values["model_preset"], **model_fields)
     else:
@@ -198,6 +242,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         model_fields.setdefault("ffn_hidden_size", 4 * model_fields["hidden_size"])
         model_fields.setdefault("vocab_size", 32000)
         model = ModelConfig(**model_fields)
+    if values.get("kv_channels", model.head_dim) != model.head_dim:
+        raise UserError(f"--kv-channels {values['kv_channels']}: megagrow's head dimension is --hidden-size / "
+                        f"--num-attention-heads = {model.head_dim}; drop --kv-channels or make them agree")
 
     tp = values.get("tensor_model_parallel_size", 1)
     pp = values.get("pipeline_model_parallel_size", 1)
@@ -205,7 +252,12 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     if world % (tp * pp):
         raise UserError(f"world size {world} is not divisible by tensor x pipeline parallel size {tp} x {pp}; "
                         f"launch a multiple of {tp * pp} processes")
-    parallel = ParallelConfig(tp=tp, pp=pp, dp=world // (tp * pp), sequence_parallel=values.get("sequence_parallel", False))
+    sequence_parallel = values.get("sequence_parallel", False)
+    if sequence_parallel and tp == 1:
+        logger.warning("--sequence-parallel with --tensor-model-parallel-size 1 has nothing to split: turned off, "
+                       "as Megatron-LM does")
+        sequence_parallel = False
+    parallel = ParallelConfig(tp=tp, pp=pp, dp=world // (tp * pp), sequence_parallel=sequence_parallel)
     split = values.get("pipeline_layer_split")
     partition_layers(model.num_layers, pp, split)  # refuses an impossible split with one line
     validate_parallel(model, parallel)
@@ -214,6 +266,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     train = TrainConfig(precision=precision, pipeline_layer_split=split,
                         **{k: v for k, v in values.items() if k in train_fields and k not in ("precision", "pipeline_layer_split")})
+    LayerRecompute.from_flags(train.recompute_granularity, train.recompute_method, train.recompute_num_layers)
     per_step = train.micro_batch_size * parallel.dp
     if train.global_batch_size % per_step:
         raise UserError(f"--global-batch-size {train.global_batch_size} is not divisible by --micro-batch-size "
@@ -224,11 +277,45 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     return RunConfig(model, parallel, train, data, tokenizer_type)
 
 
-def _tokenizer_vocab_size(values: dict) -> int:
-    from megagrow.data.tokenizer import build_tokenizer
+def _megatron_synonyms(values: dict) -> dict:
+    """Megatron's other names for megagrow settings, resolved (and refused when they contradict)."""
+    values = dict(values)
+    kv_heads = values.pop("num_key_value_heads", None)
+    if kv_heads is not None:
+        if values.setdefault("num_query_groups", kv_heads) != kv_heads:
+            raise UserError(f"--num-key-value-heads {kv_heads} and --num-query-groups {values['num_query_groups']} "
+                            f"name the same setting; give one, or make them agree")
+    chunk = values.pop("checkpoint_num_layers", None)
+    shorthands = []
+    if values.pop("recompute_activations", False):
+        shorthands.append(("--recompute-activations", {"recompute_granularity": "selective"}))
+    if values.pop("checkpoint_activations", False):
+        shorthands.append(("--checkpoint-activations", {"recompute_granularity": "full", "recompute_method": "uniform",
+                                                        "recompute_num_layers": chunk or 1}))
+    elif chunk is not None:
+        raise UserError("--checkpoint-num-layers applies to --checkpoint-activations; use --recompute-num-layers")
+    for flag, settings in shorthands:
+        for name, value in settings.items():
+            if values.setdefault(name, value) != value:
+                raise UserError(f"{flag} means --{name.replace('_', '-')} {value}, but {values[name]} is also given; "
+                                f"drop one")
+    return values
 
-    tokenizer = build_tokenizer(values.get("tokenizer_type", "SentencePieceTokenizer"), values["tokenizer_model"])
-    return tokenizer.vocab_size
+
+def _vocab_from_tokenizer(values: dict, model_fields: dict) -> None:
+    """The model's vocabulary is the tokenizer's (Megatron builds the tokenizer to size the embedding)."""
+    from megagrow.data.tokenizer import NULL_TYPE, build_tokenizer, check_tokenizer_type
+
+    tokenizer_type = values.get("tokenizer_type", "SentencePieceTokenizer")
+    check_tokenizer_type(tokenizer_type)
+    if tokenizer_type == NULL_TYPE:
+        # --vocab-size ids and one eod id after them, as Megatron's NullTokenizer.
+        model_fields["vocab_size"] = build_tokenizer(NULL_TYPE, None, values.get("vocab_size")).vocab_size
+    elif values.get("tokenizer_model"):
+        tokenizer_vocab = build_tokenizer(tokenizer_type, values["tokenizer_model"]).vocab_size
+        if model_fields.setdefault("vocab_size", tokenizer_vocab) != tokenizer_vocab:
+            raise UserError(f"--vocab-size {model_fields['vocab_size']} differs from the {tokenizer_vocab} tokens of "
+                            f"--tokenizer-model {values['tokenizer_model']}; drop --vocab-size to use the tokenizer's")
 
 
 def describe(config: RunConfig) -> str:

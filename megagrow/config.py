@@ -195,6 +195,8 @@ def model_preset(name: str, **overrides) -> ModelConfig:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+DATALOADER_TYPES = ("single", "cyclic")
+CHECKPOINT_FORMATS = ("torch", "torch_dist")
 
 
 @dataclass
@@ -223,6 +225,12 @@ class TrainConfig:
     hysteresis: int = 2
     seed: int = 1234
     use_distributed_optimizer: bool = False
+    # Megatron's --optimizer: "adam" is AdamW with decoupled weight decay, the one megagrow has.
+    optimizer: str = "adam"
+    # Process groups (pretrain_gpt.py -> megagrow.parallel.state.initialize): None picks nccl with
+    # CUDA, else gloo; every collective fails after the timeout instead of hanging (Megatron's 10).
+    distributed_backend: str | None = None
+    distributed_timeout_minutes: int = 10
     # DeepSpeed engine instead of megagrow's optimizer path (DeepSpeed's own flag names).
     deepspeed: bool = False
     deepspeed_config: str | None = None
@@ -239,7 +247,8 @@ class TrainConfig:
     no_load_rng: bool = False
     no_save_optim: bool = False
     no_save_rng: bool = False
-    use_checkpoint_args: bool = False  # take the model's shape from --load's args
+    use_checkpoint_args: bool = False  # take the model's shape from --load's args (arguments.py)
+    # --load naming a directory with no checkpoint stops the run instead of starting fresh.
     exit_on_missing_checkpoint: bool = False
     eval_interval: int | None = 1000
     eval_iters: int = 10
@@ -260,8 +269,15 @@ class TrainConfig:
     # Speed options that leave the result unchanged (megagrow/model: recompute.py, chunked_loss.py,
     # swiglu.py); LlamaModel validates them.
     recompute_granularity: str | None = None  # "full" or "selective"
+    recompute_method: str | None = None  # with "full": "uniform" chunks or "block" (first N layers per stage)
+    recompute_num_layers: int | None = None  # layers per uniform chunk / recomputed per stage; None: 1
     cross_entropy_chunk_size: int | None = None  # tokens per head + loss chunk; None or 0: all at once
     compile_mlp: bool = False
+    # Training-data order (megagrow/data/sampler.py): "single" reads the samples in order, "cyclic" is
+    # Megatron's random sampler (a fresh permutation each epoch, within each dp rank's bucket when
+    # data_sharding).
+    dataloader_type: str = "single"
+    data_sharding: bool = True
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -282,11 +298,21 @@ class TrainConfig:
                             "drop --use-distributed-optimizer and choose a --zero-stage")
         if (self.deepspeed_config or self.zero_stage is not None) and not self.deepspeed:
             raise UserError("--deepspeed_config/--zero-stage given without --deepspeed; add --deepspeed")
-        if self.ckpt_format not in ("torch", "torch_dist"):
-            raise UserError(f"--ckpt-format {self.ckpt_format}: megagrow writes and reads Megatron-LM's torch and "
-                            f"torch_dist formats; choose one of them")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"--zero-stage {self.zero_stage}: ZeRO stages are 0, 1, 2 and 3")
+        if self.optimizer != "adam":
+            raise UserError(f"--optimizer {self.optimizer}: megagrow trains with adam (AdamW, decoupled weight decay) "
+                            f"only; drop the flag or pass --optimizer adam")
+        if self.dataloader_type == "external":
+            raise UserError("--dataloader-type external: megagrow builds its own data loader from --data-path; use "
+                            "single or cyclic")
+        if self.dataloader_type not in DATALOADER_TYPES:
+            raise UserError(f"--dataloader-type {self.dataloader_type}: choose one of {', '.join(DATALOADER_TYPES)}")
+        if self.ckpt_format not in CHECKPOINT_FORMATS:
+            raise UserError(f"--ckpt-format {self.ckpt_format}: megagrow writes {' or '.join(CHECKPOINT_FORMATS)} "
+                            f"checkpoints (torch_dcp and fsdp_dtensor go with FSDP, which megagrow does not have)")
+        if self.distributed_timeout_minutes < 1:
+            raise UserError(f"--distributed-timeout-minutes must be positive, got {self.distributed_timeout_minutes}")
 
 
 # Orders of a blend's samples (megagrow/data/blended_dataset.py): megatron-core's, or Tijdeman's.

@@ -103,3 +103,68 @@ def tiny_tokenizer_model(small_corpus, tmp_path_factory) -> Path:
         )
         _cache["tokenizer"] = Path(f"{prefix}.model")
     return _cache["tokenizer"]
+
+
+HF_SPECIAL_TOKENS = ("<|endoftext|>", "<|begin_of_text|>")
+HF_BPE_MERGES_VOCAB = 800
+HF_ADDED_TOKENS = ("<|reserved_0|>", "<|reserved_1|>")
+LARGE_VOCAB_FILLER = 66_000  # ids below this are filler words; the corpus's own words come after
+
+
+def _save_hf_tokenizer(tokenizer, tmp_path_factory, name: str) -> Path:
+    """tokenizer.json plus the tokenizer_config.json naming its eos/bos, cached under `name`; returns the directory."""
+    directory = tmp_path_factory.mktemp(name)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    # What transformers (and Megatron through it) reads the eos/bos names from.
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": HF_SPECIAL_TOKENS[0],
+        # As Llama-2's files write it: an AddedToken record, not a plain string.
+        "bos_token": {"__type": "AddedToken", "content": HF_SPECIAL_TOKENS[1], "lstrip": False, "normalized": False,
+                      "rstrip": False, "single_word": False}}))
+    _cache[name] = directory
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_tokenizer_dir(small_corpus, tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer.json (Llama-3 style: BOS post-processor, added tokens) trained on the small corpus."""
+    if "hf_tokenizer" not in _cache:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=HF_BPE_MERGES_VOCAB, special_tokens=list(HF_SPECIAL_TOKENS),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        texts = read_jsonl_texts(small_corpus / "code.jsonl") + read_jsonl_texts(small_corpus / "prose.jsonl")
+        tokenizer.train_from_iterator(texts, trainer)
+        bos = HF_SPECIAL_TOKENS[1]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tokenizer.token_to_id(bos))])
+        tokenizer.add_tokens(list(HF_ADDED_TOKENS))
+        _save_hf_tokenizer(tokenizer, tmp_path_factory, "hf_tokenizer")
+    return _cache["hf_tokenizer"]
+
+
+@pytest.fixture(scope="session")
+def large_hf_tokenizer_dir(small_corpus, tmp_path_factory) -> Path:
+    """A word-level tokenizer.json of more than 65,500 ids in which every word of the corpus has an id >= 66,000.
+
+    Generated filler words take the low ids, so real text encodes only to ids that need
+    int32 storage (Megatron's uint16 holds ids below 65,500).
+    """
+    if "large_hf_tokenizer" not in _cache:
+        import re
+
+        from tokenizers import Tokenizer, models, pre_tokenizers
+
+        words = sorted({word for path in ("code.jsonl", "prose.jsonl")
+                        for text in read_jsonl_texts(small_corpus / path) for word in re.findall(r"\w+|[^\w\s]", text)})
+        vocab = {f"filler{i}": i for i in range(LARGE_VOCAB_FILLER)}
+        for word in ("[UNK]", *HF_SPECIAL_TOKENS, *words):
+            vocab.setdefault(word, len(vocab))
+        tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        tokenizer.add_special_tokens(list(HF_SPECIAL_TOKENS))
+        _save_hf_tokenizer(tokenizer, tmp_path_factory, "large_hf_tokenizer")
+    return _cache["large_hf_tokenizer"]

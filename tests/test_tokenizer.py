@@ -73,8 +73,9 @@ def test_non_model_file_is_a_user_error(tiny_tokenizer_model):
         SentencePieceTokenizer(vocab_file)
 
 
-def test_build_tokenizer_accepts_only_sentencepiece(tiny_tokenizer_model):
-    assert build_tokenizer("SentencePieceTokenizer", tiny_tokenizer_model).vocab_size == TINY_VOCAB_SIZE
+def test_build_tokenizer_reads_sentencepiece_under_megatrons_names(tiny_tokenizer_model):
+    for name in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
+        assert build_tokenizer(name, tiny_tokenizer_model).vocab_size == TINY_VOCAB_SIZE
     with pytest.raises(UserError, match="--tokenizer-type GPT2BPETokenizer is not supported"):
         build_tokenizer("GPT2BPETokenizer", tiny_tokenizer_model)
     with pytest.raises(UserError, match="--tokenizer-model is required"):

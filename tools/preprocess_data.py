@@ -42,7 +42,7 @@ from megagrow.data.indexed_dataset import (
     token_dtype_for_vocab,
 )
 from megagrow.data.jsonl import BadLine, BadLineLog, InputFile, document_fields
-from megagrow.data.tokenizer import TOKENIZER_TYPE, SentencePieceTokenizer, build_tokenizer
+from megagrow.data.tokenizer import TOKENIZER_TYPE, TOKENIZER_TYPES, SentencePieceTokenizer, build_tokenizer
 from megagrow.errors import exit_on_user_error
 
 # A task also ends at this much input, so files of long documents (source files of tens
@@ -267,7 +267,7 @@ def write_chunk(builders: list[IndexedDatasetBuilder], encoded: EncodedChunk) ->
 def preprocess(args: argparse.Namespace) -> PreprocessSummary:
     """Tokenize args.input into one indexed dataset per json key."""
     start = time.perf_counter()
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     encoder = ChunkEncoder(tokenizer, args.json_keys, args.append_eod, token_dtype_for_vocab(tokenizer.vocab_size))
     outputs = {key: f"{args.output_prefix}_{key}_document" for key in args.json_keys}
     summary = PreprocessSummary(input=args.input, outputs=outputs, workers=args.workers)
@@ -310,8 +310,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--json-keys", nargs="+", default=["text"], help="keys whose text is tokenized; one output per key"
     )
     group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", default=TOKENIZER_TYPE, help=f"only {TOKENIZER_TYPE} is supported")
-    group.add_argument("--tokenizer-model", help="SentencePiece .model file (tools/train_tokenizer.py writes one)")
+    group.add_argument("--tokenizer-type", default=TOKENIZER_TYPE, help=f"one of {', '.join(TOKENIZER_TYPES)}")
+    group.add_argument("--tokenizer-model", help="SentencePiece .model file (tools/train_tokenizer.py writes one), "
+                                                 "or for HuggingFaceTokenizer a directory holding tokenizer.json")
+    group.add_argument("--vocab-size", type=int, help="NullTokenizer: its ids are 0..N-1 and N is eod")
     group.add_argument(
         "--append-eod", action="store_true", help="append the end-of-document id (eos) to every non-empty document"
     )

@@ -1,4 +1,14 @@
-"""SentencePiece tokenizer: the one tokenizer type megagrow reads and writes datasets with.
+"""Tokenizers by Megatron's --tokenizer-type, and the SentencePiece one megagrow trains.
+
+    SentencePieceTokenizer, GPTSentencePieceTokenizer, Llama2Tokenizer
+                          a SentencePiece .model (SentencePieceTokenizer below). megatron-core
+                          0.16 builds all three the same way: no BOS added, eod = the eos id,
+                          vocab = the model's pieces. (Megatron's --legacy-tokenizer classes
+                          differed: Llama2Tokenizer prepended BOS, SentencePieceTokenizer added
+                          <CLS>/<SEP>/<EOD>/<MASK> pieces; megagrow follows the default.)
+    HuggingFaceTokenizer  a local tokenizer.json (megagrow/data/hf_tokenizer.py)
+    NullTokenizer         no text: ids written as whitespace-separated integers, for --mock-data
+                          runs; --vocab-size ids plus one eod id after them, as Megatron
 
 Models trained by tools/train_tokenizer.py round-trip exactly (`decode(encode(t)) == t`):
 identity normalisation, no dummy prefix, byte fallback for characters outside the
@@ -99,13 +109,71 @@ def _defined(token_id: int) -> int | None:
     return None if token_id < 0 else token_id
 
 
-def build_tokenizer(tokenizer_type: str, model_path: str | os.PathLike | None) -> SentencePieceTokenizer:
-    """The tokenizer named by Megatron's --tokenizer-type/--tokenizer-model flags."""
-    if tokenizer_type != TOKENIZER_TYPE:
-        raise UserError(
-            f"--tokenizer-type {tokenizer_type} is not supported; megagrow supports only "
-            f"--tokenizer-type {TOKENIZER_TYPE} (train one with tools/train_tokenizer.py)"
-        )
+class NullTokenizer:
+    """Megatron's NullTokenizer: text is whitespace-separated ids below vocab_size; eod is vocab_size itself."""
+
+    def __init__(self, vocab_size: int | None):
+        if vocab_size is None or vocab_size < 1:
+            raise UserError("--tokenizer-type NullTokenizer needs --vocab-size N (its ids are 0..N-1, and N is eod)")
+        self._ids_below = int(vocab_size)
+
+    def encode(self, text: str) -> list[int]:
+        """The integers written in `text`."""
+        try:
+            return [int(word) for word in text.split()]
+        except ValueError:
+            raise UserError("NullTokenizer reads text made of whitespace-separated integer ids only") from None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The ids written out, separated by spaces."""
+        return " ".join(str(int(i)) for i in ids)
+
+    @property
+    def vocab_size(self) -> int:
+        """The given ids and the eod id after them."""
+        return self._ids_below + 1
+
+    @property
+    def eod(self) -> int:
+        """End-of-document id: the first id after the given vocabulary."""
+        return self._ids_below
+
+
+_SENTENCEPIECE_TYPES = (TOKENIZER_TYPE, "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+HUGGINGFACE_TYPE = "HuggingFaceTokenizer"
+NULL_TYPE = "NullTokenizer"
+TOKENIZER_TYPES = (*_SENTENCEPIECE_TYPES, HUGGINGFACE_TYPE, NULL_TYPE)
+_REFUSED_TYPES = {
+    "GPT2BPETokenizer": "save GPT-2's vocab.json and merges.txt as a tokenizer.json (tokenizers' ByteLevelBPETokenizer"
+                        "(vocab, merges).save) and use --tokenizer-type HuggingFaceTokenizer",
+    "TikTokenizer": "megagrow has no tiktoken reader; use the model's tokenizer.json with HuggingFaceTokenizer",
+    "BertWordPieceLowerCase": "megagrow pre-trains decoder-only Llama models, not BERT",
+    "BertWordPieceCase": "megagrow pre-trains decoder-only Llama models, not BERT",
+    "MultimodalTokenizer": "megagrow pre-trains text-only models",
+    "NullMultimodalTokenizer": "megagrow pre-trains text-only models",
+    "SFTTokenizer": "megagrow does pre-training, not supervised fine-tuning with prompt formats",
+}
+
+
+def check_tokenizer_type(tokenizer_type: str) -> None:
+    """Raise UserError, with the reason, unless megagrow reads this --tokenizer-type."""
+    if tokenizer_type in _REFUSED_TYPES:
+        raise UserError(f"--tokenizer-type {tokenizer_type} is not supported: {_REFUSED_TYPES[tokenizer_type]}")
+    if tokenizer_type not in TOKENIZER_TYPES:
+        raise UserError(f"--tokenizer-type {tokenizer_type} is not a Megatron tokenizer megagrow knows; choose one "
+                        f"of {', '.join(TOKENIZER_TYPES)}")
+
+
+def build_tokenizer(tokenizer_type: str, model_path: str | os.PathLike | None, vocab_size: int | None = None):
+    """The tokenizer named by Megatron's --tokenizer-type/--tokenizer-model (and --vocab-size for NullTokenizer)."""
+    check_tokenizer_type(tokenizer_type)
+    if tokenizer_type == NULL_TYPE:
+        return NullTokenizer(vocab_size)
     if not model_path:
-        raise UserError(f"--tokenizer-model is required with --tokenizer-type {TOKENIZER_TYPE}; pass the .model file")
+        what = "a directory holding tokenizer.json" if tokenizer_type == HUGGINGFACE_TYPE else "the .model file"
+        raise UserError(f"--tokenizer-model is required with --tokenizer-type {tokenizer_type}; pass {what}")
+    if tokenizer_type == HUGGINGFACE_TYPE:
+        from megagrow.data.hf_tokenizer import HuggingFaceTokenizer
+
+        return HuggingFaceTokenizer(model_path)
     return SentencePieceTokenizer(model_path)

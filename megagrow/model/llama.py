@@ -113,7 +113,8 @@ class LlamaModel(nn.Module):
     holding an equal share of the layers.
 
     Speed options, none of which changes the result: `recompute_granularity` ('full' or
-    'selective', megagrow.model.recompute), `cross_entropy_chunk_size` (tokens per chunk of
+    'selective', with `recompute_method`/`recompute_num_layers` choosing the layers for full;
+    megagrow.model.recompute), `cross_entropy_chunk_size` (tokens per chunk of
     the head and loss, megagrow.model.chunked_loss; None or 0 = all at once), `compile_mlp`
     (torch.compile the SwiGLU gate, megagrow.model.swiglu).
     """
@@ -123,7 +124,8 @@ class LlamaModel(nn.Module):
                  layer_range: tuple[int, int] | None = None, seed: int = 1234,
                  device: torch.device | str | None = None, force_torch_kernels: bool | None = None,
                  recompute_granularity: str | None = None, cross_entropy_chunk_size: int | None = None,
-                 compile_mlp: bool = False):
+                 compile_mlp: bool = False, recompute_method: str | None = None,
+                 recompute_num_layers: int | None = None):
         super().__init__()
         recompute.validate_granularity(recompute_granularity)
         validate_chunk_size(cross_entropy_chunk_size)
@@ -173,7 +175,8 @@ class LlamaModel(nn.Module):
             self.output_layer = ColumnParallelLinear(config.hidden_size, self.padded_vocab_size,
                                                      sequence_parallel=self.sequence_parallel, init_method=head_init,
                                                      params_dtype=dtype, device=device, skip_weight=shares_embedding)
-        self.recompute_layers = recompute_granularity == recompute.FULL
+        self.layer_recompute = recompute.LayerRecompute.from_flags(recompute_granularity, recompute_method,
+                                                                   recompute_num_layers)
         for layer in self.decoder.layers:
             layer.self_attention.recompute_core_attention = recompute_granularity == recompute.SELECTIVE
             layer.mlp.compile_gate = compile_mlp
@@ -214,8 +217,11 @@ class LlamaModel(nn.Module):
             x = hidden_states
             seq_length = x.size(0) * (state.tp_size() if self.sequence_parallel else 1)
         cos, sin = self.rotary(seq_length, position_ids, device=x.device)
-        for layer in self.decoder.layers:
-            x = recompute.recompute(layer, x, cos, sin) if self.recompute_layers else layer(x, cos, sin)
+        if self.layer_recompute is not None:
+            x = self.layer_recompute.run(list(self.decoder.layers), x, cos, sin)
+        else:
+            for layer in self.decoder.layers:
+                x = layer(x, cos, sin)
         if not self.post_process:
             return x
 

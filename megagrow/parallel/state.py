@@ -24,6 +24,7 @@ every rank 0 and every group None: models then run with no torch.distributed at 
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -87,11 +88,14 @@ def _default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def initialize(tp: int = 1, pp: int = 1, dp: int | None = None) -> None:
+def initialize(tp: int = 1, pp: int = 1, dp: int | None = None, *, backend: str | None = None,
+               timeout: datetime.timedelta | None = None) -> None:
     """Create the tp / pp / dp / embedding process groups; dp=None takes what the world size leaves.
 
     Uses the default process group if one exists, else creates it from torchrun's environment
-    (nccl with CUDA, gloo without); a single process with no launcher needs neither.
+    (`backend`, default nccl with CUDA and gloo without); a single process with no launcher
+    needs neither. `timeout` bounds every collective of the default group and of the groups
+    made here (torch gives new groups its own default, not the world's, unless told).
     """
     global _GROUPS
     if _GROUPS is not None:
@@ -99,12 +103,16 @@ def initialize(tp: int = 1, pp: int = 1, dp: int | None = None) -> None:
     for name, size in (("tp", tp), ("pp", pp), ("dp", dp if dp is not None else 1)):
         if size < 1:
             raise UserError(f"parallel sizes must be positive, got {name}={size}")
+    bounded = {"timeout": timeout} if timeout is not None else {}  # older torch refuses timeout=None
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Launched by torchrun / deepspeed: rendezvous from the environment they set.
-        backend = _default_backend()
+        backend = backend or _default_backend()
         if backend == "nccl":
+            if not torch.cuda.is_available():
+                raise UserError("--distributed-backend nccl needs CUDA GPUs and this machine has none; "
+                                "use --distributed-backend gloo")
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, **bounded)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if dp is None:
         dp = max(world_size // (tp * pp), 1)
@@ -122,7 +130,7 @@ def initialize(tp: int = 1, pp: int = 1, dp: int | None = None) -> None:
     my_ranks: dict[str, list[int]] = {}
     for kind, rank_lists in _group_rank_lists(tp, pp, dp).items():
         for ranks in rank_lists:
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, **bounded)
             if rank in ranks:
                 mine[kind], my_ranks[kind] = group, ranks
     # Middle pipeline stages hold no embedding and belong to no embedding group.

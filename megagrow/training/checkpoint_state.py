@@ -217,10 +217,7 @@ def load_weights(trainer) -> LoadedCheckpoint | None:
     """
     root, train = trainer.train.load, trainer.train
     iteration = read_tracker(root)
-    if iteration is None:
-        if train.exit_on_missing_checkpoint:
-            raise UserError(f"--load {root} holds no checkpoint (no latest_checkpointed_iteration.txt) and "
-                            f"--exit-on-missing-checkpoint is set; check the path")
+    if iteration is None:  # (--exit-on-missing-checkpoint stopped the run earlier, in pretrain_gpt.py)
         logger.warning("--load %s holds no checkpoint yet; training from scratch", root)
         return None
     if is_deepspeed_checkpoint(root):

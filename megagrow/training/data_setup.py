@@ -87,8 +87,9 @@ def run_domains(data: DataConfig) -> tuple[list[str], list[BlendComponent]]:
 
 
 def micro_batch_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                         num_workers: int) -> Iterator[dict]:
-    """Endless-as-needed iterator of this rank's micro-batches, resuming at consumed_samples."""
+                         num_workers: int, dataloader_type: str = "single", data_sharding: bool = True) -> Iterator[dict]:
+    """Endless-as-needed iterator of this rank's micro-batches, resuming at consumed_samples (--dataloader-type order)."""
     loader = build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, dp_rank, dp_size,
-                                           num_workers=num_workers)
+                                           num_workers=num_workers, dataloader_type=dataloader_type,
+                                           data_sharding=data_sharding)
     return iter(loader)

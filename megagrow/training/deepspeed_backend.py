@@ -169,8 +169,13 @@ class DeepSpeedOptimization:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=groups,
             lr_scheduler=lambda opt: LRScheduler(opt, schedule), mpu=DeepSpeedMPU(), config=self.config)
-        # Forward through the engine: ZeRO-2/3 hook their gradient reduction onto its outputs.
-        self.forward_model = self.engine
+        # ZeRO 1-3: forward through the engine, whose output hooks arm the ZeRO optimizer for the
+        # backwards megagrow's schedule issues (ZeRO-2/3 reduce and partition gradients there).
+        # ZeRO-0 has no ZeRO optimizer to arm, and without one DeepSpeed's hooks refuse every
+        # backward not issued by engine.backward(scalar loss) - which a pipeline stage's
+        # backward from its output gradient cannot be. Nothing needs to run during a ZeRO-0
+        # backward anyway: with unmanaged accumulation engine.step() all-reduces .grad over dp.
+        self.forward_model = self.engine if self.zero_stage > 0 else self.engine.module
         logger.info("DeepSpeed engine: ZeRO stage %d, %s, optimizer %s", self.zero_stage, train.precision,
                     type(self.optimizer).__name__)
 

@@ -86,6 +86,7 @@ class Trainer:
         self.model = LlamaModel(self.model_config, parallel, layer_range=(stage_layers.start, stage_layers.stop),
                                 seed=train.seed, device=self.device,
                                 recompute_granularity=train.recompute_granularity,
+                                recompute_method=train.recompute_method, recompute_num_layers=train.recompute_num_layers,
                                 cross_entropy_chunk_size=train.cross_entropy_chunk_size, compile_mlp=train.compile_mlp)
         loaded_shard = checkpoint_state.load_weights(self) if train.load else None
         self.optimization = build_optimization(self.model, train, parallel, self.train_iters,
@@ -113,7 +114,7 @@ class Trainer:
             if self.progress.iteration < self.train_iters:
                 self.train_iterator = micro_batch_iterator(
                     self.datasets.train, self.progress.consumed_samples, train.micro_batch_size, state.dp_rank(),
-                    parallel.dp, data.num_workers)
+                    parallel.dp, data.num_workers, train.dataloader_type, train.data_sharding)
         # Evaluation is collective over the pipeline: every rank must agree on what is evaluated.
         self.has_valid = self._all_ranks_agree(self.datasets.valid is not None or not self.reads_data)
         self.domains = [d for d in self.domains
