@@ -56,8 +56,11 @@ def _worker(rank, world_size, port, timeout_s, fn, args, kwargs, results):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout_s: float = 120.0, **kwargs) -> list:
-    """Call fn(*args, **kwargs) on `world_size` gloo ranks; return their results ordered by rank."""
+def run_distributed(fn, world_size: int, *args, timeout_s: float = 120.0, daemon: bool = True, **kwargs) -> list:
+    """Call fn(*args, **kwargs) on `world_size` gloo ranks; return their results ordered by rank.
+
+    `daemon=False` lets workers start processes of their own (megatron-core's checkpoint writer forks).
+    """
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
@@ -65,7 +68,7 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 120.0, **kwar
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers before torch loads
     try:
         workers = [context.Process(target=_worker, args=(rank, world_size, port, timeout_s, fn, args, kwargs, results),
-                                   daemon=True) for rank in range(world_size)]
+                                   daemon=daemon) for rank in range(world_size)]
         for worker in workers:
             worker.start()
     finally:

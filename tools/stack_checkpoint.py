@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="keep the base run's progress, LR schedule and RNG, with a fresh optimizer")
     parser.add_argument("--stack-optimizer-state", action="store_true",
                         help="carry the run state and stack the Adam moments like the weights")
+    parser.add_argument("--vocab-size", type=positive_int, metavar="V",
+                        help="the tokenizer's vocabulary, for Megatron-LM checkpoints whose args record only the "
+                             "padded size (default: the recorded size)")
     parser.add_argument("--ckpt-format", choices=CKPT_FORMATS, default=TORCH,
                         help="format to write: torch (per-rank files) or torch_dist (default torch)")
     parser.add_argument("--no-progress-bar", action="store_true")
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> Path:
     path = stack_checkpoint(args.load, args.save, spec, iteration=parse_iteration(args.iteration),
                             tp=args.target_tensor_parallel_size, pp=args.target_pipeline_parallel_size,
                             layers_per_stage=args.pipeline_layer_split, run_state=run_state,
-                            progress=not args.no_progress_bar, ckpt_format=args.ckpt_format)
+                            progress=not args.no_progress_bar, ckpt_format=args.ckpt_format,
+                            vocab_size=args.vocab_size)
     layers = CheckpointReader(args.save).config.num_layers
     print(f"wrote {path}: {layers} layers; train it with pretrain_gpt.py --load {args.save} --num-layers {layers} "
           f"and the base run's other model flags")

@@ -141,12 +141,15 @@ def model_config_from_args(args: argparse.Namespace, where: str, *, vocab_size: 
     if vocab is None:
         raise UserError(f"{where}: the checkpoint's args give no vocab_size or padded_vocab_size; pass --vocab-size")
     hidden = int(args.hidden_size)
+    positions = _get(args, "max_position_embeddings")
+    if positions is not None and int(positions) == int(args.seq_length):
+        positions = None  # megagrow's way of saying "as long as the sequence"
     return ModelConfig(
         num_layers=int(args.num_layers), hidden_size=hidden,
         ffn_hidden_size=int(_get(args, "ffn_hidden_size", 4 * hidden)),
         num_attention_heads=int(args.num_attention_heads), vocab_size=int(vocab), seq_length=int(args.seq_length),
         num_query_groups=int(groups) if groups else None,
-        max_position_embeddings=_get(args, "max_position_embeddings"),
+        max_position_embeddings=None if positions is None else int(positions),
         rope_theta=float(_get(args, "rotary_base", 10000)), norm_eps=float(_get(args, "norm_epsilon", 1e-5)),
         tie_embeddings=not _get(args, "untie_embeddings_and_output_weights", False),
         make_vocab_size_divisible_by=int(_get(args, "make_vocab_size_divisible_by", 128)),

@@ -177,8 +177,11 @@ def _grown_file(grown: ModelConfig, model: dict[str, torch.Tensor], *, tp: int, 
 def stack_checkpoint(load: str | os.PathLike, save: str | os.PathLike, spec: GrowthSpec, *,
                      iteration=None, tp: int | None = None, pp: int | None = None,
                      layers_per_stage: Sequence[int] | None = None, run_state: RunStateOptions | None = None,
-                     progress: bool = True, ckpt_format: str = TORCH) -> Path:
-    """Grow the checkpoint under `load` in depth by `spec` and write it under `save` (default: the source layout)."""
+                     progress: bool = True, ckpt_format: str = TORCH, vocab_size: int | None = None) -> Path:
+    """Grow the checkpoint under `load` in depth by `spec` and write it under `save` (default: the source layout).
+
+    `vocab_size` gives the vocabulary where the checkpoint records only its padded size (Megatron-LM's args).
+    """
     load, save = Path(load), Path(save)
     if spec.growth_operator.dimension != DEPTH:
         raise UserError(f"{spec.operator}: sharded growth streams depth operators only; grow width on a full "
@@ -187,7 +190,7 @@ def stack_checkpoint(load: str | os.PathLike, save: str | os.PathLike, spec: Gro
         raise UserError("--carry-run-state/--stack-optimizer-state write the torch format (per-rank files carry the "
                         "optimizer state); drop --ckpt-format torch_dist, or grow the model only")
     _refuse_existing(save, load)
-    reader = CheckpointReader(load, iteration)
+    reader = CheckpointReader(load, iteration, vocab_size=vocab_size)
     grown = grown_config(reader.config, spec)
     tp, pp = tp or reader.tp, pp or reader.pp
     stages = check_target(grown, tp, pp, layers_per_stage)

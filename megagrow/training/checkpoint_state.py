@@ -283,7 +283,7 @@ def _load_optimizer(trainer, loaded: LoadedCheckpoint) -> None:
     reader, root = loaded.reader, trainer.train.load
     optimization = trainer.optimization
     if reader.origin != MEGAGROW:
-        if reader.common.get("optimizer") is not None or reader.format == TORCH_DIST:
+        if reader.format == TORCH_DIST or reader.shard_file(0, 0).get("optimizer") is not None:
             raise UserError(f"--load {root}: its optimizer state is Megatron-LM's, which megagrow does not read; pass "
                             f"--no-load-optim (weights, iteration, data position and LR schedule carry over, Adam "
                             f"moments restart)")
