@@ -228,6 +228,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     values = _megatron_synonyms(samples_to_iterations(values))
     _check_llama_flags(values)
 
+    if values.get("use_checkpoint_args"):
+        values = _with_checkpoint_model(values)
     model_fields = {field: values[flag] for flag, field in _MODEL_FIELDS.items() if flag in values}
     if "tie_embeddings" in values:
         model_fields["tie_embeddings"] = values["tie_embeddings"]
@@ -275,6 +277,26 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     data = DataConfig(**{k: v for k, v in values.items() if k in data_fields})
     tokenizer_type = values.get("tokenizer_type", "SentencePieceTokenizer")
     return RunConfig(model, parallel, train, data, tokenizer_type)
+
+
+def _with_checkpoint_model(values: dict) -> dict:
+    """--use-checkpoint-args: the model flags not given take the values --load's checkpoint records (as Megatron-LM)."""
+    from megagrow.checkpoint.reader import recorded_model_config
+
+    if not values.get("load"):
+        raise UserError("--use-checkpoint-args takes the model from --load's checkpoint; add --load DIR")
+    recorded = recorded_model_config(values["load"])
+    if recorded is None:
+        logger.warning("--use-checkpoint-args: %s holds no checkpoint yet; using the flags given", values["load"])
+        return values
+    from_checkpoint = {flag: getattr(recorded, field) for flag, field in _MODEL_FIELDS.items()}
+    from_checkpoint["tie_embeddings"] = recorded.tie_embeddings
+    if values.get("tokenizer_model"):
+        del from_checkpoint["vocab_size"]  # the tokenizer knows it (Megatron's args often hold only the padded size)
+    taken = {flag: value for flag, value in from_checkpoint.items() if flag not in values and value is not None}
+    logger.info("--use-checkpoint-args: model settings from %s: %s", values["load"],
+                ", ".join(f"{flag}={value}" for flag, value in sorted(taken.items())))
+    return {**values, **taken}
 
 
 def _megatron_synonyms(values: dict) -> dict:

@@ -125,8 +125,9 @@ def test_deepspeed_checkpoint_converts_to_megagrow_layout(tmp_path, stage, tp, p
                                                                             "convert_deepspeed_checkpoint.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    ckpt_format = "torch_dist" if stage == 1 else "torch"  # both formats the converter writes
     tool.main(["--load", str(tmp_path / "ds"), "--save", str(tmp_path / "native"),
-               "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "1"])
+               "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "1", "--ckpt-format", ckpt_format])
 
     native_flags = _flags(prefix, 2, 1, ["--load", str(tmp_path / "native")])
     native_flags[native_flags.index("--train-iters") + 1] = "1"

@@ -190,6 +190,17 @@ def test_training_resumes_from_a_megatron_checkpoint(tmp_path, megatron_checkpoi
     assert lr == pytest.approx(learning_rate(LRScheduleConfig(lr=3e-4, decay_steps=100), 10))
 
 
+def test_use_checkpoint_args_takes_the_model_from_a_megatron_checkpoint(tmp_path, megatron_checkpoints):
+    from megagrow.arguments import parse_args
+
+    root, config, _ = megatron_checkpoints[1, 1, "torch_dist", True]
+    run = parse_args(["--use-checkpoint-args", "--load", str(root), "--mock-data", "--train-iters", "1",
+                      "--vocab-size", str(config.vocab_size)])
+    assert run.model == config
+    with pytest.raises(UserError, match="--use-checkpoint-args takes the model from --load"):
+        parse_args(["--use-checkpoint-args", "--mock-data", "--train-iters", "1"])
+
+
 def test_hf_export_and_growth_of_a_megatron_checkpoint(tmp_path, megatron_checkpoints):
     root, config, results = megatron_checkpoints[2, 1, "torch_dist", False]
     # G_stack of a Megatron checkpoint: the grown model is grow() of its weights, and megatron-core loads it.

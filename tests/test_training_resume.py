@@ -48,6 +48,24 @@ def test_resume_continues_bit_identically(tmp_path, data_prefix):
     assert [loss for _, loss in first + second] == [loss for _, loss in straight]  # bit-identical
 
 
+def _run_on(flags, world):
+    with trainer_from_flags(flags, world) as trainer:
+        trainer.run()
+        return trainer.losses
+
+
+def test_torch_dist_resume_with_the_distributed_optimizer_continues_bit_identically(tmp_path, data_prefix):
+    # Two data-parallel ranks, each with its slice of the optimizer, saving Megatron-LM's torch_dist format.
+    flags = ["--use-distributed-optimizer", "--ckpt-format", "torch_dist", "--metrics-file", str(tmp_path / "m.jsonl")]
+    straight = run_distributed(_run_on, 2, _flags(data_prefix, 6, flags), 2)[0]
+    ckpt = str(tmp_path / "ckpt")
+    common = [*flags, "--save", ckpt, "--load", ckpt, "--save-interval", "3"]
+    first = run_distributed(_run_on, 2, _flags(data_prefix, 3, common), 2)[0]
+    assert read_tracker(ckpt) == 3 and (tmp_path / "ckpt" / "iter_0000003" / ".metadata").is_file()
+    second = run_distributed(_run_on, 2, _flags(data_prefix, 6, common), 2)[0]
+    assert [loss for _, loss in first + second] == [loss for _, loss in straight]
+
+
 def test_exit_interval_cuts_a_run_into_legs_that_continue_bit_identically(tmp_path, data_prefix):
     straight = run_distributed(_run, 1, _flags(data_prefix, 10, ["--lr-decay-iters", "10"]))[0]
     ckpt = str(tmp_path / "ckpt")

@@ -339,3 +339,27 @@ class CheckpointReader:
     def stage_dirs(self) -> list[str]:
         """Shard directory names of this checkpoint's layout, for messages."""
         return [shard_dir_name(t, p, self.pp) for p in range(self.pp) for t in range(self.tp)]
+
+
+def recorded_model_config(root: str | os.PathLike, vocab_size: int | None = None) -> ModelConfig | None:
+    """The model a checkpoint directory records (its latest iteration), read from one file; None without a checkpoint.
+
+    What --use-checkpoint-args needs before anything is built: megagrow's record or Megatron-LM's
+    args of the first shard (torch), common.pt (torch_dist) or DeepSpeed's client state.
+    """
+    root = Path(root)
+    iteration = read_tracker(root) if root.is_dir() else None
+    if iteration is None:
+        return None
+    if (root / "latest").is_file():  # DeepSpeed's tag file: the client state travels in its model states
+        tag = (root / "latest").read_text().strip()
+        files = sorted((root / tag).glob("*mp_rank_00_model_states.pt"))
+        if not files:
+            raise UserError(f"{root / tag}: no mp_rank_00 model states; the DeepSpeed checkpoint is incomplete")
+        return config_of(load_file(files[0], mmap=True), str(files[0]), vocab_size)
+    if checkpoint_format(root, iteration) == TORCH_DIST:
+        common = iteration_dir(root, iteration) / "common.pt"
+        return config_of(load_file(common), str(common), vocab_size)
+    tp, pp = checkpoint_layout(root, iteration)
+    first = shard_path(root, iteration, 0, 0, pp)
+    return config_of(load_file(first, mmap=True), str(first), vocab_size)
