@@ -14,6 +14,12 @@ Atomicity: every rank writes into `iter_XXXXXXX.tmp/`; after a barrier the coord
 fsyncs, renames the directory into place and only then rewrites the tracker file (itself
 via a temporary name). A crash at any point leaves the previous checkpoint and tracker
 intact; stale `.tmp` directories are removed by the next save.
+
+Nodes without a shared filesystem: --save may be a node-local disk. A node whose ranks
+cannot see the directory global rank 0 created gets its own coordinator (its local rank 0),
+which creates, publishes and tracks the same iteration in that node's directory: every node
+then holds its own ranks' files and a tracker, and resumes from them (a rank loading the
+layout it saved reads only its own files).
 """
 
 from __future__ import annotations
@@ -146,6 +152,16 @@ def _default_is_coordinator() -> bool:
     return True
 
 
+def _node_coordinator(tmp_dir: Path, is_coordinator: Callable[[], bool]) -> bool:
+    """Whether this rank publishes the iteration: global rank 0, or local rank 0 of a node that cannot see its files."""
+    if is_coordinator():
+        return True
+    if is_coordinator is not _default_is_coordinator:  # a caller that plays every rank itself
+        return False
+    # Ranks of one node share a filesystem, so local rank 0 answers for its node.
+    return int(os.environ.get("LOCAL_RANK", "-1")) == 0 and not tmp_dir.is_dir()
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -176,15 +192,23 @@ def save_iteration(
     root = Path(root)
     final_dir = iteration_dir(root, iteration)
     tmp_dir = final_dir.with_name(final_dir.name + ".tmp")
-    if is_coordinator():
+
+    def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("iter_*.tmp"):  # left by a crashed save
+        for stale in [*root.glob("iter_*.tmp"), *root.glob(f"{RELEASE}.tmp")]:  # left by a crashed save
             shutil.rmtree(stale, ignore_errors=True)
         tmp_dir.mkdir()
+
+    if is_coordinator():
+        prepare()
+    barrier()
+    publishes = _node_coordinator(tmp_dir, is_coordinator)
+    if publishes and not is_coordinator():
+        prepare()  # this node does not see global rank 0's directory: it keeps its own
     barrier()
     write(tmp_dir)
     barrier()
-    if is_coordinator():
+    if publishes:
         for sub in tmp_dir.iterdir():
             if sub.is_dir():
                 _fsync_path(sub)

@@ -29,6 +29,7 @@ import torch
 from megagrow.checkpoint import megagrow_v1, names
 from megagrow.checkpoint.layout import (
     RELEASE,
+    TORCH,
     TORCH_DIST,
     Iteration,
     checkpoint_format,
@@ -104,6 +105,63 @@ def config_of(record: dict, where: str, vocab_size: int | None = None) -> ModelC
     if origin == MEGAGROW_V1:
         return megagrow_v1.model_config(record, where)
     return model_config_from_args(record["args"], where, vocab_size=vocab_size)
+
+
+def run_position_of(common: dict, origin: str, iteration: Iteration) -> RunPosition | None:
+    """Where a saved run stood, from a shard file's (or common.pt's) entries; None for a model-only checkpoint."""
+    if origin == MEGAGROW:
+        record = common[MEGAGROW_KEY]
+        if "progress" not in record:
+            return None
+        steps = record.get("scheduler", {}).get("num_steps")
+        return RunPosition(dict(record["progress"]), None if steps is None else int(steps))
+    if origin == MEGAGROW_V1:
+        if "progress" not in common:
+            return None
+        return RunPosition(dict(common["progress"]), int(common["scheduler"]["num_steps"]))
+    if iteration == RELEASE or not common.get("iteration"):
+        return None  # Megatron-LM's converted / release checkpoints start a run
+    args = common["args"]
+    progress = {"iteration": int(common["iteration"]),
+                "consumed_samples": int(getattr(args, "consumed_train_samples", 0) or 0),
+                "skipped_steps": 0, "consecutive_skipped_steps": 0}
+    scheduler, batch = common.get("opt_param_scheduler"), getattr(args, "global_batch_size", None)
+    steps = scheduler_steps(scheduler, batch) if scheduler and batch else None
+    return RunPosition(progress, steps)
+
+
+class RankShard:
+    """One rank's file of a torch-format checkpoint, read without the others (which a node-local disk may lack)."""
+
+    def __init__(self, root: str | os.PathLike, iteration: Iteration, tp_rank: int, pp_rank: int, pp: int,
+                 vocab_size: int | None = None):
+        self.root, self.iteration, self.format = Path(root), iteration, TORCH
+        self.path = shard_path(root, iteration, tp_rank, pp_rank, pp)
+        self.file = load_file(self.path, mmap=True)
+        self.common = {k: v for k, v in self.file.items() if k not in ("model", "optimizer")}
+        where = str(self.path.parent)
+        self.origin = CheckpointReader._origin(self.file, where)
+        self.config = config_of(self.file, where, vocab_size)
+        if "model" not in self.file:
+            raise UserError(f"{where}: holds no model (a virtual pipeline's chunks?); megagrow reads checkpoints "
+                            f"without a virtual (interleaved) pipeline")
+        if self.origin == MEGAGROW_V1:
+            tp = megagrow_v1.recorded_layout(self.file)[0]
+            self.model = megagrow_v1.canonical_model_state(self.file["model"], self.config, tp, where)
+        else:
+            self.model = names.canonical_model_state(self.file["model"], where)
+        layers = {names.split_layer_name(n)[0] for n in self.model if names.split_layer_name(n)}
+        self.num_layers = len(layers)
+
+    def recorded_layout(self) -> tuple[int, int]:
+        """(tp, pp) the file says it was saved with."""
+        if self.origin == MEGAGROW_V1:
+            return megagrow_v1.recorded_layout(self.file)
+        return parallel_sizes_from_args(self.file["args"])
+
+    def run_position(self) -> RunPosition | None:
+        """Where the saved run stood, from this file's records."""
+        return run_position_of(self.common, self.origin, self.iteration)
 
 
 class CheckpointReader:
@@ -314,26 +372,7 @@ class CheckpointReader:
 
     def run_position(self) -> RunPosition | None:
         """Where the saved run stood (iteration, samples consumed, LR steps), or None for a model-only checkpoint."""
-        common = self.common
-        if self.origin == MEGAGROW:
-            record = common[MEGAGROW_KEY]
-            if "progress" not in record:
-                return None
-            steps = record.get("scheduler", {}).get("num_steps")
-            return RunPosition(dict(record["progress"]), None if steps is None else int(steps))
-        if self.origin == MEGAGROW_V1:
-            if "progress" not in common:
-                return None
-            return RunPosition(dict(common["progress"]), int(common["scheduler"]["num_steps"]))
-        if self.iteration == RELEASE or not common.get("iteration"):
-            return None  # Megatron-LM's converted / release checkpoints start a run
-        args = common["args"]
-        progress = {"iteration": int(common["iteration"]),
-                    "consumed_samples": int(getattr(args, "consumed_train_samples", 0) or 0),
-                    "skipped_steps": 0, "consecutive_skipped_steps": 0}
-        scheduler, batch = common.get("opt_param_scheduler"), getattr(args, "global_batch_size", None)
-        steps = scheduler_steps(scheduler, batch) if scheduler and batch else None
-        return RunPosition(progress, steps)
+        return run_position_of(self.common, self.origin, self.iteration)
 
     @property
     def stage_dirs(self) -> list[str]:

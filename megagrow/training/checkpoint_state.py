@@ -21,17 +21,22 @@ position and LR schedule carry over).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from megagrow.checkpoint import torch_dist
 from megagrow.checkpoint.layout import (
+    TORCH,
     TORCH_DIST,
+    checkpoint_format,
     read_tracker,
     save_checkpoint,
     save_iteration,
+    shard_path,
     write_file_synced,
     write_tracker,
 )
@@ -44,7 +49,7 @@ from megagrow.checkpoint.megatron_state import (
     shard_file,
     with_extra_states,
 )
-from megagrow.checkpoint.reader import MEGAGROW, MEGAGROW_V1, CheckpointReader
+from megagrow.checkpoint.reader import MEGAGROW, MEGAGROW_V1, CheckpointReader, RankShard
 from megagrow.checkpoint.reshard import stage_shard
 from megagrow.checkpoint.safe_load import load_file
 from megagrow.config import TrainConfig
@@ -167,11 +172,17 @@ def _save_torch_dist(trainer, optimization: NativeOptimization) -> None:
         if dist.is_initialized():
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, records)  # every writer's chunk locations, for the metadata
+        common = {"args": megatron["args"], "checkpoint_version": 3.0, "iteration": trainer.progress.iteration,
+                  "opt_param_scheduler": megatron.get("scheduler"),
+                  MEGAGROW_KEY: {"format_version": 2, **_megagrow_record(trainer, optimizer=False)}}
+        records = [r for rank_records in gathered for r in rank_records]
         if rank == 0:
-            common = {"args": megatron["args"], "checkpoint_version": 3.0, "iteration": trainer.progress.iteration,
-                      "opt_param_scheduler": megatron.get("scheduler"),
-                      MEGAGROW_KEY: {"format_version": 2, **_megagrow_record(trainer, optimizer=False)}}
-            torch_dist.write_metadata(tmp_dir, [r for rank_records in gathered for r in rank_records], common)
+            torch_dist.write_metadata(tmp_dir, records, common)
+        if dist.is_initialized():
+            dist.barrier()
+        # A node that does not share rank 0's filesystem gets the same metadata beside its own chunk files.
+        if rank != 0 and int(os.environ.get("LOCAL_RANK", "-1")) == 0 and not (tmp_dir / torch_dist.METADATA_FILE).is_file():
+            torch_dist.write_metadata(tmp_dir, records, common)
 
     save_iteration(train.save, trainer.progress.iteration, write)
 
@@ -181,10 +192,15 @@ def _save_torch_dist(trainer, optimization: NativeOptimization) -> None:
 
 @dataclass
 class LoadedCheckpoint:
-    """What phase 1 read, for phase 2."""
+    """What phase 1 read, for phase 2: this rank's own file (`shard`, when the layout is the run's) or the whole
+    checkpoint (`reader`, read in another layout or format)."""
 
-    reader: CheckpointReader
-    same_layout: bool  # saved with this run's tp, pp and layer split, in the torch format
+    source: RankShard | CheckpointReader
+
+    @property
+    def same_layout(self) -> bool:
+        """Saved with this run's tp, pp and layer split, in the torch format: this rank's file is its state."""
+        return isinstance(self.source, RankShard)
 
 
 def check_model_config(saved: dict, current: dict, where: str) -> None:
@@ -225,27 +241,58 @@ def load_weights(trainer) -> LoadedCheckpoint | None:
             raise UserError(f"--load {root}: this is a DeepSpeed checkpoint; add --deepspeed, or convert it with "
                             f"tools/convert_deepspeed_checkpoint.py")
         return None
-    reader = CheckpointReader(root, iteration, vocab_size=trainer.model_config.vocab_size)
-    if reader.origin == MEGAGROW_V1:
-        raise UserError(f"--load {root}: written by an older megagrow (its own weight names); convert it once with "
-                        f"python tools/convert_checkpoint.py upgrade --load {root} --save NEW_DIR")
-    check_model_config(asdict(reader.config), asdict(trainer.model_config), str(root))
-    model = trainer.model
-    same_layout = (reader.format != TORCH_DIST and (reader.tp, reader.pp) == (state.tp_size(), state.pp_size())
-                   and reader.layers_per_stage == _run_layers_per_stage(trainer))
-    if same_layout:
-        weights = reader.stage_model(state.tp_rank(), state.pp_rank())
+    own = _own_shard(trainer, root, iteration)
+    if own is not None:
+        source, weights = own, own.model
     else:
+        source = CheckpointReader(root, iteration, vocab_size=trainer.model_config.vocab_size)
+    _refuse_v1(source, root)
+    check_model_config(asdict(source.config), asdict(trainer.model_config), str(root))
+    model = trainer.model
+    if own is None:
         layers = range(model.layer_offset, model.layer_offset + len(model.decoder.layers))
-        weights = stage_shard(reader.config, reader.read_group, layers, tp=state.tp_size(), tp_rank=state.tp_rank(),
+        weights = stage_shard(source.config, source.read_group, layers, tp=state.tp_size(), tp_rank=state.tp_rank(),
                               first=model.pre_process, last=model.post_process)
-        logger.info("loading %s (%s, tp=%d pp=%d) into this run's tp=%d pp=%d layout", root, reader.format,
-                    reader.tp, reader.pp, state.tp_size(), state.pp_size())
+        logger.info("loading %s (%s, tp=%d pp=%d) into this run's tp=%d pp=%d layout", root, source.format,
+                    source.tp, source.pp, state.tp_size(), state.pp_size())
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise UserError(f"--load {root}: tensors do not match this stage (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]}); was it saved with another --pipeline-layer-split?")
-    return LoadedCheckpoint(reader, same_layout)
+    return LoadedCheckpoint(source)
+
+
+def _refuse_v1(source, root) -> None:
+    if source.origin == MEGAGROW_V1:
+        raise UserError(f"--load {root}: written by an older megagrow (its own weight names); convert it once with "
+                        f"python tools/convert_checkpoint.py upgrade --load {root} --save NEW_DIR")
+
+
+def _own_shard(trainer, root, iteration) -> RankShard | None:
+    """This rank's file when every rank finds its own, saved in the run's layout; None otherwise (read it whole)."""
+    own = None
+    try:
+        if checkpoint_format(root, iteration) == TORCH:
+            path = shard_path(root, iteration, state.tp_rank(), state.pp_rank(), state.pp_size())
+            if path.is_file():
+                candidate = RankShard(root, iteration, state.tp_rank(), state.pp_rank(), state.pp_size(),
+                                      vocab_size=trainer.model_config.vocab_size)
+                stage_layers = _run_layers_per_stage(trainer)[state.pp_rank()]
+                fits = candidate.recorded_layout() == (state.tp_size(), state.pp_size())
+                own = candidate if fits and candidate.num_layers == stage_layers else None
+    finally:
+        agreed = _all_ranks_agree(own is not None)  # every rank takes the same path, or none may
+    return own if agreed else None
+
+
+def _all_ranks_agree(flag: bool) -> bool:
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32,
+                         device=torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+                         else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def load_training_state(trainer, loaded: LoadedCheckpoint | None) -> None:
@@ -259,31 +306,33 @@ def load_training_state(trainer, loaded: LoadedCheckpoint | None) -> None:
             check_model_config(record["config"]["model"], asdict(trainer.model_config), str(root))
             _restore(trainer, record["progress"], None, client_state.get("rng_state"))
         return
-    reader = loaded.reader
+    reader = loaded.source
     position = reader.run_position()
     if position is None:
         logger.info("loaded model weights from %s; starting a new run at iteration 0", root)
         return
     if not train.no_load_optim:
         _load_optimizer(trainer, loaded)
-    _restore(trainer, position.progress, position.scheduler_steps, _saved_rng(reader, loaded))
+    _restore(trainer, position.progress, position.scheduler_steps, _saved_rng(loaded))
 
 
-def _saved_rng(reader: CheckpointReader, loaded: LoadedCheckpoint):
-    if reader.format == TORCH_DIST:
-        key = torch_dist.object_key("rng_state", (state.pp_rank(), state.tp_rank()), (reader.pp, reader.tp))
-        dist_reader = reader.torch_dist
-        return dist_reader.read_object(key) if key in dist_reader else None
-    if not loaded.same_layout:
-        return None  # another layout's ranks drew from other streams
-    return reader.shard_file(state.tp_rank(), state.pp_rank()).get("rng_state")
+def _saved_rng(loaded: LoadedCheckpoint):
+    source = loaded.source
+    if loaded.same_layout:
+        return source.file.get("rng_state")
+    if source.format == TORCH_DIST:
+        key = torch_dist.object_key("rng_state", (state.pp_rank(), state.tp_rank()), (source.pp, source.tp))
+        return source.torch_dist.read_object(key) if key in source.torch_dist else None
+    return None  # another layout's ranks drew from other streams
 
 
 def _load_optimizer(trainer, loaded: LoadedCheckpoint) -> None:
-    reader, root = loaded.reader, trainer.train.load
+    source, root = loaded.source, trainer.train.load
     optimization = trainer.optimization
-    if reader.origin != MEGAGROW:
-        if reader.format == TORCH_DIST or reader.shard_file(0, 0).get("optimizer") is not None:
+    if source.origin != MEGAGROW:
+        megatron_optimizer = source.format == TORCH_DIST or (
+            source.file if loaded.same_layout else source.shard_file(0, 0)).get("optimizer") is not None
+        if megatron_optimizer:
             raise UserError(f"--load {root}: its optimizer state is Megatron-LM's, which megagrow does not read; pass "
                             f"--no-load-optim (weights, iteration, data position and LR schedule carry over, Adam "
                             f"moments restart)")
@@ -293,27 +342,27 @@ def _load_optimizer(trainer, loaded: LoadedCheckpoint) -> None:
                         f"pass --no-load-optim to continue from its weights with a fresh optimizer")
     sharded = optimization.optimizer.shard_over_dp
     saved = None
-    if reader.format == TORCH_DIST:
-        saved_parallel = reader.common[MEGAGROW_KEY]["config"]["parallel"]
-        if (saved_parallel["tp"], saved_parallel["pp"]) == (state.tp_size(), state.pp_size()):
-            dp_rank = state.dp_rank() if sharded else 0
-            path = reader.directory / torch_dist_optimizer_file(state.tp_rank(), state.pp_rank(), dp_rank)
-            saved = _load_if_present(path)
-    elif loaded.same_layout:
-        record = reader.shard_file(state.tp_rank(), state.pp_rank())[MEGAGROW_KEY]
+    if loaded.same_layout:
+        record = source.file[MEGAGROW_KEY]
         if "optimizer" in record and record["optimizer"] is None:
             logger.info("%s asks for a fresh optimizer (grown from a Megatron-LM checkpoint)", root)
             return
         if sharded:
-            saved = _load_if_present(reader.shard_path(state.tp_rank(), state.pp_rank()).with_name(
-                distributed_optimizer_file(state.dp_rank())))
+            saved = _load_if_present(source.path.with_name(distributed_optimizer_file(state.dp_rank())))
         else:
             saved = record.get("optimizer")
+    elif source.format == TORCH_DIST:
+        saved_parallel = source.common[MEGAGROW_KEY]["config"]["parallel"]
+        if (saved_parallel["tp"], saved_parallel["pp"]) == (state.tp_size(), state.pp_size()):
+            dp_rank = state.dp_rank() if sharded else 0
+            saved = _load_if_present(source.directory / torch_dist_optimizer_file(state.tp_rank(), state.pp_rank(),
+                                                                                  dp_rank))
     if saved is None:
+        saved_layout = source.recorded_layout() if loaded.same_layout else (source.tp, source.pp)
         raise UserError(f"--load {root}: the checkpoint has no optimizer state for this run's layout (tp="
                         f"{state.tp_size()} pp={state.pp_size()}, {'distributed' if sharded else 'plain'} optimizer; "
-                        f"it was saved with tp={reader.tp} pp={reader.pp}); pass --no-load-optim to start the optimizer "
-                        f"afresh, or resume with the layout it was saved with")
+                        f"it was saved with tp={saved_layout[0]} pp={saved_layout[1]}); pass --no-load-optim to start "
+                        f"the optimizer afresh, or resume with the layout it was saved with")
     try:
         optimization.optimizer.load_state_dict(saved)
     except (ValueError, KeyError) as err:
