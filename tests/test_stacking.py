@@ -9,7 +9,6 @@ from distributed_harness import run_distributed
 from fixtures_text import load_tool
 
 from megagrow.checkpoint.layout import checkpoint_layout, iteration_dir, load_shard, read_tracker
-from megagrow.checkpoint.optimizer_layout import adam_param_order
 from megagrow.checkpoint.reader import CheckpointReader, group_keys, group_param_names
 from megagrow.checkpoint.reshard import reader_from_state_dict, save_sharded
 from megagrow.checkpoint.tp_layout import full_shape
@@ -97,15 +96,13 @@ def test_grown_checkpoint_trains_fresh_or_resuming(tmp_path, data_prefix):
     # With the run state and stacked Adam moments: resumes at the base's iteration.
     _stack(base, tmp_path / "resumed", 2, 1, 1, "--stack-optimizer-state")
     resumed = CheckpointReader(tmp_path / "resumed")
-    names = [name for group in adam_param_order(resumed.stage_model(0, 0)) for name in group]
-    adam = resumed.shard_file(0, 0)["megagrow"]["optimizer"]["optimizer"]["state"]
-    base_reader = CheckpointReader(base)
+    adam = resumed.shard_file(0, 0)["megagrow"]["optimizer"]["params"]
     # Global layer 1 lives on the second base stage, where it is that stage's layer 0.
-    base_names = [name for group in adam_param_order(base_reader.stage_model(0, 1)) for name in group]
-    base_adam = base_reader.shard_file(0, 1)["megagrow"]["optimizer"]["optimizer"]["state"][
-        base_names.index("decoder.layers.0.mlp.linear_fc2.weight")]
+    base_adam = CheckpointReader(base).shard_file(0, 1)["megagrow"]["optimizer"]["params"][
+        "decoder.layers.0.mlp.linear_fc2.weight"]
     for copy in ("decoder.layers.1.mlp.linear_fc2.weight", "decoder.layers.3.mlp.linear_fc2.weight"):
-        assert torch.equal(adam[names.index(copy)]["exp_avg_sq"], base_adam["exp_avg_sq"])
+        assert torch.equal(adam[copy]["exp_avg_sq"], base_adam["exp_avg_sq"])
+        assert adam[copy]["step"] == base_adam["step"] == 2
     assert resumed.run_position().progress["iteration"] == 2 and resumed.common["iteration"] == 2
     start, losses = run_distributed(_train, 1, _flags(data_prefix, 1, 1, 4, 4, [*metrics, "--load",
                                                                                str(tmp_path / "resumed")]), 1)[0]

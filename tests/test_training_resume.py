@@ -66,6 +66,24 @@ def test_torch_dist_resume_with_the_distributed_optimizer_continues_bit_identica
     assert [loss for _, loss in first + second] == [loss for _, loss in straight]
 
 
+def test_optimizer_state_resumes_in_another_layout(tmp_path, data_prefix):
+    # Saved by two data-parallel ranks with the distributed optimizer, resumed by one run of tp=2 with the plain
+    # optimizer: the Adam state is kept per parameter, so it regroups like the weights.
+    metrics = ["--metrics-file", str(tmp_path / "m.jsonl")]
+    straight = run_distributed(_run_on, 2, _flags(data_prefix, 6, ["--use-distributed-optimizer", *metrics]), 2)[0]
+    ckpt = str(tmp_path / "ckpt")
+    first = run_distributed(_run_on, 2, _flags(data_prefix, 3, ["--use-distributed-optimizer", "--save", ckpt,
+                                                                *metrics]), 2)[0]
+    second = run_distributed(_run_on, 2, _flags(data_prefix, 6, ["--tensor-model-parallel-size", "2", "--load", ckpt,
+                                                                 *metrics]), 2)[0]
+    assert [i for i, _ in second] == [4, 5, 6]
+    assert [loss for _, loss in first + second] == pytest.approx([loss for _, loss in straight], rel=1e-5)
+    # A fresh optimizer instead would not follow the run: the carried moments matter.
+    fresh = run_distributed(_run_on, 2, _flags(data_prefix, 6, ["--tensor-model-parallel-size", "2", "--load", ckpt,
+                                                                "--no-load-optim", *metrics]), 2)[0]
+    assert [loss for _, loss in fresh] != pytest.approx([loss for _, loss in second], rel=1e-5)
+
+
 def test_exit_interval_cuts_a_run_into_legs_that_continue_bit_identically(tmp_path, data_prefix):
     straight = run_distributed(_run, 1, _flags(data_prefix, 10, ["--lr-decay-iters", "10"]))[0]
     ckpt = str(tmp_path / "ckpt")

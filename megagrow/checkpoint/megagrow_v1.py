@@ -42,7 +42,7 @@ from megagrow.checkpoint.layout import (
 )
 from megagrow.checkpoint.megatron_args import build_args
 from megagrow.checkpoint.megatron_state import rng_state, scheduler_state, shard_file, with_extra_states
-from megagrow.checkpoint.optimizer_layout import ADAM_MOMENTS, adam_index, master_slot
+from megagrow.checkpoint.optimizer_layout import ADAM_MOMENTS, param_state, stage_record, uses_weight_decay
 from megagrow.checkpoint.safe_load import load_file
 from megagrow.checkpoint.tp_layout import interleave_qkv
 from megagrow.config import ModelConfig, ParallelConfig
@@ -122,20 +122,28 @@ def _rng_record(old: dict, seed: int, tp_rank: int, pp_rank: int) -> list[dict]:
     return record
 
 
+def adam_param_order(model: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Format 1's optimizer indexing: per weight-decay group (matrices, then vectors), parameters in reverse order."""
+    fragments = list(reversed(list(model)))  # its gradient reducer bucketed parameters in reverse order
+    decayed = [name for name in fragments if uses_weight_decay(model[name])]
+    not_decayed = [name for name in fragments if not uses_weight_decay(model[name])]
+    return [group for group in (decayed, not_decayed) if group]
+
+
 def _upgrade_optimizer(optimizer: dict, model: dict[str, torch.Tensor], config: ModelConfig, tp: int) -> dict:
-    """Format 1's optimizer state with every linear_qkv moment and master regrouped like the weights."""
-    index, slot = adam_index(model), master_slot(model)
-    state = {key: dict(value) for key, value in optimizer["optimizer"]["state"].items()}
-    masters = list(optimizer["masters"])
-    for name in model:
-        if not name.endswith(names.QKV):
-            continue
-        adam = state.get(index[name])
-        for moment in ADAM_MOMENTS if adam is not None else ():
-            adam[moment] = regroup_qkv_shard(adam[moment], config, tp)
-        if masters[slot[name]] is not None:
-            masters[slot[name]] = regroup_qkv_shard(masters[slot[name]], config, tp)
-    return {**optimizer, "optimizer": {**optimizer["optimizer"], "state": state}, "masters": masters}
+    """Format 1's index-keyed optimizer state as the current model-space record, linear_qkv rows regrouped."""
+    order = [name for group in adam_param_order(model) for name in group]
+    masters = dict(zip(reversed(list(model)), optimizer["masters"]))
+    params = {}
+    for index, name in enumerate(order):
+        adam = optimizer["optimizer"]["state"].get(index)
+        if adam is None:
+            continue  # never stepped
+        regroup = (lambda t: regroup_qkv_shard(t, config, tp)) if name.endswith(names.QKV) else (lambda t: t)
+        master = masters[name]
+        params[name] = param_state(*(regroup(adam[moment]) for moment in ADAM_MOMENTS),
+                                   None if master is None else regroup(master.view_as(model[name])), int(adam["step"]))
+    return stage_record(params, optimizer.get("loss_scaler"))
 
 
 def upgrade_checkpoint(load: str | os.PathLike, save: str | os.PathLike, iteration: Iteration | None = None) -> Path:

@@ -1,22 +1,31 @@
-"""How megagrow's optimizer state is laid out in its checkpoints (MixedPrecisionOptimizer.state_dict).
+"""How optimizer state is kept in megagrow's checkpoints: in model space, per parameter, whatever the optimizer's layout.
 
-    optimizer.optimizer   torch AdamW state_dict over the stage's parameters (fragments with
-                          the distributed optimizer): one param group per weight-decay choice,
-                          matrices first, then vectors, each listing its parameters in reverse
-                          registration order (the order the gradient reducer buckets them in)
-    optimizer.masters     the fp32 master of each parameter in reverse registration order;
-                          None where the fp32 parameter is its own master
-    optimizer.loss_scaler fp16 loss scale state, or None
+Every backend (megagrow's optimizer with or without --use-distributed-optimizer, DeepSpeed
+at any ZeRO stage) gathers its Adam state into the shape of the parameters before saving,
+and scatters it back into its own layout when loading. So one checkpoint resumes under any
+data-parallel size and any backend, the optimizer state reshards across tp/pp like the
+weights, and growth stacks Adam moments exactly as it stacks the weights.
 
-Tools that rewrite optimizer state offline (growth, upgrades) find a parameter's entries by
-name through `adam_param_order`.
+A stage's record (the `optimizer` entry of megagrow's record in a torch-format shard):
+
+    params        {stage parameter name: {exp_avg, exp_avg_sq: tensors shaped as the
+                   parameter's tp shard (fp32); master: its fp32 master, or None where the
+                   fp32 parameter is its own master; step: Adam steps taken}}; a parameter
+                   the optimizer never stepped is absent (its moments start at zero)
+    loss_scaler   fp16 dynamic loss scale state, or None
+
+torch_dist checkpoints keep the tensors as chunks of `optimizer.state.{kind}.{key}`, sharded
+like the parameter `key` (megagrow/checkpoint/torch_dist.py), and the steps in common.pt.
 """
 
 from __future__ import annotations
 
 import torch
 
-ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+EXP_AVG, EXP_AVG_SQ, MASTER = "exp_avg", "exp_avg_sq", "master"
+ADAM_MOMENTS = (EXP_AVG, EXP_AVG_SQ)
+STATE_KINDS = (EXP_AVG, EXP_AVG_SQ, MASTER)  # the per-parameter tensors, in the order they are written
+WEIGHT = "weight"  # the parameter itself, read through the same paths as the state kinds
 
 
 def uses_weight_decay(param: torch.Tensor) -> bool:
@@ -26,19 +35,16 @@ def uses_weight_decay(param: torch.Tensor) -> bool:
     return param.ndim >= 2
 
 
-def adam_param_order(model: dict[str, torch.Tensor]) -> list[list[str]]:
-    """A stage's parameter names as its AdamW state indexes them: per param group, in index order."""
-    fragments = list(reversed(list(model)))  # the reducer buckets parameters in reverse order
-    decayed = [name for name in fragments if uses_weight_decay(model[name])]
-    not_decayed = [name for name in fragments if not uses_weight_decay(model[name])]
-    return [group for group in (decayed, not_decayed) if group]
+def param_state(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, master: torch.Tensor | None, step: int) -> dict:
+    """One parameter's record."""
+    return {EXP_AVG: exp_avg, EXP_AVG_SQ: exp_avg_sq, MASTER: master, "step": int(step)}
 
 
-def adam_index(model: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Each parameter's index in the AdamW state of a stage holding `model`."""
-    return {name: index for index, name in enumerate(name for group in adam_param_order(model) for name in group)}
+def stage_record(params: dict[str, dict], loss_scaler: dict | None) -> dict:
+    """A stage's optimizer record from its parameters' records (names as the stage registers them)."""
+    return {"params": params, "loss_scaler": loss_scaler}
 
 
-def master_slot(model: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Each parameter's position in the `masters` list of a stage holding `model`."""
-    return {name: slot for slot, name in enumerate(reversed(list(model)))}
+def dist_state_key(kind: str, key: str) -> str:
+    """torch_dist key of state `kind` (exp_avg, exp_avg_sq, master) of the parameter saved under `key`."""
+    return f"optimizer.state.{kind}.{key}"

@@ -41,8 +41,9 @@ from megagrow.checkpoint.layout import (
 )
 from megagrow.checkpoint.megatron_args import model_config_from_args, parallel_sizes_from_args
 from megagrow.checkpoint.megatron_state import MEGAGROW_KEY, scheduler_steps
+from megagrow.checkpoint.optimizer_layout import EXP_AVG, MASTER, WEIGHT, dist_state_key
 from megagrow.checkpoint.safe_load import load_file
-from megagrow.checkpoint.torch_dist import TorchDistReader, read_full
+from megagrow.checkpoint.torch_dist import TorchDistReader, param_key, read_full
 from megagrow.checkpoint.tp_layout import full_shape, merge_from_tp, shard_shape
 from megagrow.config import ModelConfig
 from megagrow.errors import UserError
@@ -333,16 +334,65 @@ class CheckpointReader:
             shards[name] = [model[local] for model in models]
         return shards
 
-    def read_group(self, group: Group) -> dict[str, torch.Tensor]:
-        """Full (unsharded, unpadded) tensors of one group."""
+    def read_group(self, group: Group, kind: str = WEIGHT) -> dict[str, torch.Tensor]:
+        """Full (unsharded, unpadded) tensors of one group: the weights, or one kind of their optimizer state
+        (exp_avg, exp_avg_sq, master; a master recorded as None is the fp32 weight itself)."""
+        if kind != WEIGHT and not self.has_optimizer_state:
+            raise UserError(f"{self.directory}: holds no megagrow optimizer state to read")
         if self._dist is not None:
-            return {name: self._trim(name, read_full(self._dist, name, self.config.num_layers))
-                    for name in group_param_names(group, self.config)}
+            result = {}
+            for name in group_param_names(group, self.config):
+                prefix = "" if kind == WEIGHT else dist_state_key(kind, "")
+                if kind == MASTER and prefix + param_key(name) not in self._dist:
+                    result[name] = self.read_group(group)[name].float()  # fp32 weights are their own masters
+                else:
+                    result[name] = self._trim(name, read_full(self._dist, name, self.config.num_layers, prefix))
+            return result
         stage = self._stage_of(group)
         # Mapped afresh and dropped after the merge (which copies), so the pages read leave this
         # process's resident set with the group instead of accumulating to the whole base model.
-        models = [self._stage_model(t, stage, load_file(self.shard_path(t, stage), mmap=True)) for t in range(self.tp)]
+        files = [load_file(self.shard_path(t, stage), mmap=True) for t in range(self.tp)]
+        models = [self._stage_model(t, stage, file) for t, file in enumerate(files)]
+        if kind != WEIGHT:
+            models = [self._stage_state(t, stage, file, model, kind) for t, (file, model) in enumerate(zip(files, models))]
         return {name: merge_from_tp(name, shards, self.config) for name, shards in self._group_shards(group, models).items()}
+
+    def _stage_state(self, tp_rank: int, pp_rank: int, file: dict, model: dict, kind: str) -> dict[str, torch.Tensor]:
+        """One shard's optimizer state of `kind` by parameter name (fp32; masters of fp32 weights are the weights)."""
+        params = file[MEGAGROW_KEY]["optimizer"]["params"]
+        state = {}
+        for name, weight in model.items():
+            record = params.get(name)
+            if record is None:
+                raise UserError(f"{self._where(tp_rank, pp_rank)}: no optimizer state for {name} (never stepped?); "
+                                f"grow or reshard it without the optimizer state")
+            value = record[kind]
+            state[name] = weight.float() if value is None else value
+        return state
+
+    def group_reader(self, kind: str = WEIGHT) -> GroupReader:
+        """A GroupReader of the weights or of one kind of optimizer state."""
+        return lambda group: self.read_group(group, kind)
+
+    @property
+    def has_optimizer_state(self) -> bool:
+        """Whether megagrow's model-space optimizer state was saved (not Megatron-LM's, not --no-save-optim)."""
+        if self.origin != MEGAGROW:
+            return False
+        if self._dist is not None:
+            return self._dist_optimizer_key in self._dist
+        return bool((self._files[0, 0][MEGAGROW_KEY].get("optimizer") or {}).get("params"))
+
+    @property
+    def _dist_optimizer_key(self) -> str:
+        return dist_state_key(EXP_AVG, names.EMBEDDING)
+
+    def optimizer_steps(self) -> int:
+        """Adam steps the saved optimizer had taken."""
+        if self._dist is not None:
+            return int(self.common[MEGAGROW_KEY]["optimizer"]["step"])
+        params = self._files[0, 0][MEGAGROW_KEY]["optimizer"]["params"]
+        return max(int(record["step"]) for record in params.values())
 
     def _trim(self, name: str, full: torch.Tensor) -> torch.Tensor:
         # torch_dist keeps the vocabulary padded for the tp it was saved with.

@@ -257,18 +257,19 @@ def write_metadata(directory: Path, records: Iterable[tuple], common: dict) -> N
 # ------------------------------------------------------------------- megatron-core's model keys
 
 
-def model_chunks(name: str, shard: torch.Tensor, *, tp_rank: int, tp: int, layer_offset: int, num_layers: int
-                 ) -> list[TensorChunk]:
-    """The torch_dist chunks of one tp shard of a stage parameter (local layer numbering; global after `layer_offset`)."""
+def model_chunks(name: str, shard: torch.Tensor, *, tp_rank: int, tp: int, layer_offset: int, num_layers: int,
+                 prefix: str = "") -> list[TensorChunk]:
+    """The torch_dist chunks of one tp shard of a stage parameter (local layer numbering; global after `layer_offset`),
+    or of a tensor of its optimizer state (saved under `prefix` + the parameter's key)."""
     parsed = names.split_layer_name(name)
     if parsed is None:
         if name == names.FINAL_NORM:
-            return [TensorChunk(name, tuple(shard.shape), (0,) * shard.dim(), shard)]
+            return [TensorChunk(prefix + name, tuple(shard.shape), (0,) * shard.dim(), shard)]
         rows = shard.size(0)  # embedding and output layer: vocabulary rows split over tp
-        return [TensorChunk(name, (rows * tp, *shard.shape[1:]), (rows * tp_rank, 0), shard)]
+        return [TensorChunk(prefix + name, (rows * tp, *shard.shape[1:]), (rows * tp_rank, 0), shard)]
     layer, suffix = parsed
     layer += layer_offset
-    key = names.stacked_key(suffix)
+    key = prefix + names.stacked_key(suffix)
 
     def stacked(part: torch.Tensor, offsets: tuple[int, ...], global_shape: tuple[int, ...]) -> TensorChunk:
         return TensorChunk(key, (num_layers, *global_shape), (layer, *offsets), part.unsqueeze(0))
@@ -288,9 +289,10 @@ def model_chunks(name: str, shard: torch.Tensor, *, tp_rank: int, tp: int, layer
 
 
 def stage_entries(parts: Iterable[dict[str, torch.Tensor]], *, tp_rank: int, tp: int, layers: range, num_layers: int,
-                  tied_head_copy: bool) -> Iterator[TensorChunk | ObjectEntry]:
-    """What one (tp rank, stage) saves of its model: its chunks (tp-replicated norms from tp rank 0 only; no
-    `tied_head_copy` of the embedding on the last stage), then the local spec's `_extra_state` objects."""
+                  tied_head_copy: bool, prefix: str = "", extra_states: bool = True) -> Iterator[TensorChunk | ObjectEntry]:
+    """What one (tp rank, stage) saves of its model (or of one kind of its optimizer state, keys under `prefix`):
+    its chunks (tp-replicated norms from tp rank 0 only; no `tied_head_copy` of the embedding on the last stage),
+    then the local spec's `_extra_state` objects."""
     for part in parts:
         for name, tensor in part.items():
             if tied_head_copy and name == names.OUTPUT_LAYER:
@@ -300,9 +302,9 @@ def stage_entries(parts: Iterable[dict[str, torch.Tensor]], *, tp_rank: int, tp:
             if replicated and tp_rank > 0:
                 continue
             yield from model_chunks(name, tensor, tp_rank=tp_rank, tp=tp, layer_offset=layers.start,
-                                    num_layers=num_layers)
+                                    num_layers=num_layers, prefix=prefix)
         del part
-    if tp_rank == 0:
+    if tp_rank == 0 and extra_states:
         yield from extra_state_objects(layers, num_layers)
 
 
@@ -314,13 +316,20 @@ def extra_state_objects(layers: range, num_layers: int) -> Iterator[ObjectEntry]
             yield ObjectEntry(object_key(key, (layer,), (num_layers,)), None)
 
 
-def read_full(reader: TorchDistReader, name: str, num_layers: int) -> torch.Tensor:
-    """The full (all tp ranks) tensor of global parameter `name` (vocabulary padding kept)."""
+def param_key(name: str) -> str:
+    """The torch_dist key a (global or local) parameter name is saved under."""
+    parsed = names.split_layer_name(name)
+    return name if parsed is None else names.stacked_key(parsed[1])
+
+
+def read_full(reader: TorchDistReader, name: str, num_layers: int, prefix: str = "") -> torch.Tensor:
+    """The full (all tp ranks) tensor of global parameter `name` (vocabulary padding kept), or of its
+    optimizer state saved under `prefix` + its key."""
     parsed = names.split_layer_name(name)
     if parsed is None:
-        return reader.read(name)
+        return reader.read(prefix + name)
     layer, suffix = parsed
-    key = names.stacked_key(suffix)
+    key = prefix + names.stacked_key(suffix)
     shape = reader.shape(key)
     if shape[0] != num_layers:
         raise UserError(f"{reader.directory}: {key} stacks {shape[0]} layers, the model has {num_layers}")

@@ -15,10 +15,11 @@ target shard file is streamed (megagrow/checkpoint/streaming_writer.py): its ske
 written from shapes and dtypes alone (the base read as meta tensors), then each grown layer
 is made, written into it and freed before the next. The peak is the imports plus a few
 copies of the largest group (a layer, or the embedding) in flight: merged, grown, tp-split.
-Stacked Adam moments and masters stream one parameter at a time. What cannot be described
-from the base's metadata is computed twice, once for the skeleton's shapes and once to write:
-the moments and masters, and the new layers of depth:zero / depth:random. Measured peaks are
-in benchmarks/RESULTS.md.
+Stacked Adam moments and masters are model-space tensors shaped like the weights
+(megagrow/checkpoint/optimizer_layout.py), so they stream the same way, one group of one
+kind at a time, whichever optimizer layout saved the base. What cannot be described from the
+base's metadata is computed twice, once for the skeleton's shapes and once to write: the new
+layers of depth:zero / depth:random. Measured peaks are in benchmarks/RESULTS.md.
 
 The shards hold the grown model, its config and a `growth` record (operator, factor, source
 path and iteration). Without run state pretrain_gpt.py --load starts a new run from them;
@@ -31,8 +32,8 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import asdict
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -57,7 +58,7 @@ from megagrow.config import ModelConfig, ParallelConfig, validate_parallel
 from megagrow.errors import UserError
 from megagrow.growth.depth import grow_layer
 from megagrow.growth.operators import DEPTH, GrowthSpec, grown_config, layer_sources
-from megagrow.checkpoint.optimizer_layout import ADAM_MOMENTS, adam_param_order
+from megagrow.checkpoint.optimizer_layout import MASTER, param_state, stage_record
 from megagrow.growth.run_state import RunStateOptions, RunStateWriter
 from megagrow.growth.tensors import LAYER_TENSORS, layer_tensor_name
 from megagrow.parallel.pipeline import partition_layers
@@ -99,47 +100,29 @@ def growth_record(spec: GrowthSpec, reader: CheckpointReader) -> dict:
     }
 
 
-class StackedAdamStream:
-    """A grown stage's stacked Adam state and fp32 masters, streamed one parameter at a time."""
+OPTIMIZER_PATH = (MEGAGROW_KEY, "optimizer")  # where a shard file keeps its optimizer record
 
-    # Where the optimizer record sits in a shard file.
-    PATH = (MEGAGROW_KEY, "optimizer")
 
-    def __init__(self, writer: RunStateWriter, model: dict[str, torch.Tensor], tp_rank: int, layer_offset: int):
-        self.writer, self.model, self.tp_rank, self.layer_offset = writer, model, tp_rank, layer_offset
-        # Where RunStateWriter.optimizer_state puts each parameter: its AdamW index, its master slot.
-        order = [name for names in adam_param_order(model) for name in names]
-        self.index = {name: index for index, name in enumerate(order)}
-        self.master_slot = {name: slot for slot, name in enumerate(reversed(list(model)))}
+def stacked_optimizer(model: dict[str, torch.Tensor], writer: RunStateWriter) -> dict:
+    """A grown stage's optimizer record with meta tensors standing for the stacked moments (and masters)."""
+    kinds = writer.state_kinds()
+    params = {name: param_state(*(torch.empty(t.shape, dtype=torch.float32, device="meta") for t in (weight, weight)),
+                                torch.empty(weight.shape, dtype=torch.float32, device="meta") if MASTER in kinds else None,
+                                writer.optimizer_steps)
+              for name, weight in model.items()}
+    loss_scaler = (writer.reader.common.get(MEGAGROW_KEY, {}).get("optimizer") or {}).get("loss_scaler")
+    return stage_record(params, loss_scaler)
 
-    def _state_of(self, name: str) -> tuple[dict | None, torch.Tensor | None]:
-        # A one-parameter stage's optimizer state is that parameter's Adam state (index 0) and master.
-        state = self.writer.optimizer_state({name: self.model[name]}, self.tp_rank, self.layer_offset)
-        return state["optimizer"]["state"].get(0), state["masters"][0]
 
-    def add_placeholders(self, optimizer: dict) -> None:
-        """Fill a fresh optimizer record's Adam state and masters, with meta tensors for the moments and masters."""
-        for name in self.index:  # AdamW index order, as optimizer_state inserts them
-            adam, master = self._state_of(name)
-            if adam is not None:
-                optimizer["optimizer"]["state"][self.index[name]] = {
-                    key: value.to("meta") if key in ADAM_MOMENTS else value for key, value in adam.items()}
-            if master is not None:
-                optimizer["masters"][self.master_slot[name]] = master.to("meta")
-
-    def _fill(self, name: str) -> Fill:
-        adam, master = self._state_of(name)
-        fill = {}
-        if adam is not None:
-            fill.update({(*self.PATH, "optimizer", "state", self.index[name], key): adam[key] for key in ADAM_MOMENTS})
-        if master is not None:
-            fill[(*self.PATH, "masters", self.master_slot[name])] = master
-        return fill
-
-    def fills(self) -> Iterator[Fill]:
-        """The moments and master of each parameter in turn."""
-        for name in self.index:
-            yield self._fill(name)
+def stacked_optimizer_fills(grown: ModelConfig, spec: GrowthSpec, writer: RunStateWriter, layers: range,
+                            where: dict) -> Iterator[Fill]:
+    """The stacked optimizer tensors of one grown stage, one group of one kind at a time (G_stack of each kind)."""
+    base = writer.reader.config
+    for kind in writer.state_kinds():
+        read_grown = grown_layer_reader(writer.base_state_reader(kind), base, spec)
+        for part in stage_groups(grown, read_grown, layers, **where):
+            yield {(*OPTIMIZER_PATH, "params", name, kind): tensor.float() for name, tensor in part.items()}
+            del part
 
 
 def check_target(grown: ModelConfig, tp: int, pp: int, layers_per_stage: Sequence[int] | None) -> list[range]:
@@ -194,10 +177,7 @@ def stack_checkpoint(load: str | os.PathLike, save: str | os.PathLike, spec: Gro
     grown = grown_config(reader.config, spec)
     tp, pp = tp or reader.tp, pp or reader.pp
     stages = check_target(grown, tp, pp, layers_per_stage)
-    state_writer = RunStateWriter(reader, spec, grown, tp, run_state) if run_state is not None else None
-    stack_moments = state_writer is not None and run_state.stack_optimizer_state
-    # Progress, schedule, RNG and the optimizer's layout without moments; the moments stream.
-    layout_writer = RunStateWriter(reader, spec, grown, tp, RunStateOptions()) if stack_moments else state_writer
+    state_writer = RunStateWriter(reader, spec, run_state) if run_state is not None else None
     read_grown = grown_layer_reader(reader.read_group, reader.config, spec)
     describe_grown = grown_layer_reader(reader.describe_group, reader.config, spec)
     record = growth_record(spec, reader)
@@ -211,13 +191,15 @@ def stack_checkpoint(load: str | os.PathLike, save: str | os.PathLike, spec: Gro
         layers = stages[pp_rank]
         model = as_meta(stage_shard(grown, describe_grown, layers, **where(tp_rank, pp_rank)))
         fills = model_fills(stage_groups(grown, read_grown, layers, **where(tp_rank, pp_rank)))
-        run = layout_writer.shard_state(model, tp_rank, layers.start) if layout_writer is not None else None
+        run = None
+        if state_writer is not None:
+            optimizer = stacked_optimizer(model, state_writer) if state_writer.stacks_moments else None
+            run = {**state_writer.records(), "optimizer": optimizer}
         file = _grown_file(grown, model, tp=tp, pp=pp, layers=layers, last=pp_rank == pp - 1, record=record,
                            iteration=reader.iteration, run=run)
-        if stack_moments:
-            moments = StackedAdamStream(state_writer, model, tp_rank, layers.start)
-            moments.add_placeholders(file[MEGAGROW_KEY]["optimizer"])
-            fills = itertools.chain(fills, moments.fills())
+        if state_writer is not None and state_writer.stacks_moments:
+            fills = itertools.chain(fills, stacked_optimizer_fills(grown, spec, state_writer, layers,
+                                                                   where(tp_rank, pp_rank)))
         return ShardStream(file, fills)
 
     try:

@@ -37,7 +37,6 @@ from megagrow.checkpoint.layout import (
     save_checkpoint,
     save_iteration,
     shard_path,
-    write_file_synced,
     write_tracker,
 )
 from megagrow.checkpoint.megatron_args import build_args, config_record
@@ -49,9 +48,17 @@ from megagrow.checkpoint.megatron_state import (
     shard_file,
     with_extra_states,
 )
+from megagrow.checkpoint.optimizer_layout import (
+    EXP_AVG,
+    EXP_AVG_SQ,
+    MASTER,
+    STATE_KINDS,
+    dist_state_key,
+    param_state,
+    stage_record,
+)
 from megagrow.checkpoint.reader import MEGAGROW, MEGAGROW_V1, CheckpointReader, RankShard
 from megagrow.checkpoint.reshard import stage_shard
-from megagrow.checkpoint.safe_load import load_file
 from megagrow.config import TrainConfig
 from megagrow.errors import UserError
 from megagrow.parallel import state
@@ -70,28 +77,23 @@ def metrics_path(train: TrainConfig) -> Path:
     return Path(train.save) / "metrics.jsonl" if train.save else Path("runs") / "metrics.jsonl"
 
 
-def distributed_optimizer_file(dp_rank: int) -> str:
-    """Per-dp-rank optimizer slice file of the distributed optimizer, beside a torch-format shard."""
-    return f"distrib_optim_dp{dp_rank:03d}.pt"
-
-
-def torch_dist_optimizer_file(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
-    """megagrow's optimizer state file of one rank inside a torch_dist iteration directory."""
-    return f"megagrow_optimizer_tp{tp_rank:02d}_pp{pp_rank:03d}_dp{dp_rank:03d}.pt"
-
-
 # ------------------------------------------------------------------------------------- saving
 
 
-def _megagrow_record(trainer, *, optimizer: bool) -> dict:
+def _megagrow_record(trainer, optimizer: dict | None = None) -> dict:
     optimization = trainer.optimization
     record = {"config": config_record(trainer.model_config, trainer.parallel, trainer.train),
               "progress": asdict(trainer.progress)}
     if isinstance(optimization, NativeOptimization):
         record["scheduler"] = optimization.scheduler.state_dict()
-        if optimizer:
-            record["optimizer"] = optimization.optimizer.state_dict()
+    if optimizer is not None:
+        record["optimizer"] = optimizer
     return record
+
+
+def _optimizer_record(trainer) -> dict | None:
+    """The stage's model-space optimizer record, unless --no-save-optim (collective over dp: every rank calls it)."""
+    return None if trainer.train.no_save_optim else trainer.optimization.optimizer_record()
 
 
 def _megatron_entries(trainer) -> dict:
@@ -131,50 +133,57 @@ def _stage_state(trainer) -> dict:
 
 
 def _save_torch(trainer, optimization: NativeOptimization) -> None:
-    sharded = optimization.optimizer.shard_over_dp
-    save_optim = not trainer.train.no_save_optim
+    optimizer = _optimizer_record(trainer)
     shard = None
     if state.dp_rank() == 0:
         megatron = _megatron_entries(trainer)
         shard = shard_file(_stage_state(trainer), args=megatron["args"], iteration=trainer.progress.iteration,
-                           megagrow=_megagrow_record(trainer, optimizer=save_optim and not sharded),
-                           rng=megatron["rng"], scheduler=megatron.get("scheduler"))
-    extra = None
-    if sharded and save_optim:
-        extra = {distributed_optimizer_file(state.dp_rank()): optimization.optimizer.state_dict()}
+                           megagrow=_megagrow_record(trainer, optimizer), rng=megatron["rng"],
+                           scheduler=megatron.get("scheduler"))
     save_checkpoint(trainer.train.save, trainer.progress.iteration, shard, tp_rank=state.tp_rank(),
-                    pp_rank=state.pp_rank(), pp_size=state.pp_size(), extra_files=extra)
+                    pp_rank=state.pp_rank(), pp_size=state.pp_size())
+
+
+def _optimizer_entries(optimizer: dict, where: dict) -> list:
+    """torch_dist chunks of a stage's model-space optimizer state (masters only where they are not the weights)."""
+    entries = []
+    for kind in STATE_KINDS:
+        tensors = {name: record[kind] for name, record in optimizer["params"].items() if record[kind] is not None}
+        entries += torch_dist.stage_entries([tensors], prefix=dist_state_key(kind, ""), extra_states=False, **where)
+    return entries
 
 
 def _save_torch_dist(trainer, optimization: NativeOptimization) -> None:
     model, train = trainer.model, trainer.train
-    sharded = optimization.optimizer.shard_over_dp
     megatron = _megatron_entries(trainer)
+    optimizer = _optimizer_record(trainer)
 
     def write(tmp_dir: Path) -> None:
         entries = []
         if state.dp_rank() == 0:
             layers = range(model.layer_offset, model.layer_offset + len(model.decoder.layers))
             tied_copy = model.post_process and not model.pre_process and trainer.model_config.tie_embeddings
-            entries = list(torch_dist.stage_entries([model.state_dict()], tp_rank=state.tp_rank(), tp=state.tp_size(),
-                                                    layers=layers, num_layers=trainer.model_config.num_layers,
-                                                    tied_head_copy=tied_copy))
+            where = dict(tp_rank=state.tp_rank(), tp=state.tp_size(), layers=layers,
+                         num_layers=trainer.model_config.num_layers, tied_head_copy=tied_copy)
+            entries = list(torch_dist.stage_entries([model.state_dict()], **where))
+            if optimizer is not None:
+                entries += _optimizer_entries(optimizer, where)
             if megatron["rng"] is not None:
                 key = torch_dist.object_key("rng_state", (state.pp_rank(), state.tp_rank()),
                                             (state.pp_size(), state.tp_size()))
                 entries.append(torch_dist.ObjectEntry(key, megatron["rng"]))
         rank = dist.get_rank() if dist.is_initialized() else 0
         records = torch_dist.write_rank_file(tmp_dir, rank, entries) if entries else []
-        if not train.no_save_optim and (sharded or state.dp_rank() == 0):
-            name = torch_dist_optimizer_file(state.tp_rank(), state.pp_rank(), state.dp_rank())
-            write_file_synced(tmp_dir / name, optimization.optimizer.state_dict())
         gathered = [records]
         if dist.is_initialized():
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, records)  # every writer's chunk locations, for the metadata
+        steps = None if optimizer is None else {
+            "step": max((r["step"] for r in optimizer["params"].values()), default=0),
+            "loss_scaler": optimizer["loss_scaler"]}
         common = {"args": megatron["args"], "checkpoint_version": 3.0, "iteration": trainer.progress.iteration,
                   "opt_param_scheduler": megatron.get("scheduler"),
-                  MEGAGROW_KEY: {"format_version": 2, **_megagrow_record(trainer, optimizer=False)}}
+                  MEGAGROW_KEY: {"format_version": 2, **_megagrow_record(trainer, steps)}}
         records = [r for rank_records in gathered for r in rank_records]
         if rank == 0:
             torch_dist.write_metadata(tmp_dir, records, common)
@@ -328,7 +337,6 @@ def _saved_rng(loaded: LoadedCheckpoint):
 
 def _load_optimizer(trainer, loaded: LoadedCheckpoint) -> None:
     source, root = loaded.source, trainer.train.load
-    optimization = trainer.optimization
     if source.origin != MEGAGROW:
         megatron_optimizer = source.format == TORCH_DIST or (
             source.file if loaded.same_layout else source.shard_file(0, 0)).get("optimizer") is not None
@@ -337,41 +345,38 @@ def _load_optimizer(trainer, loaded: LoadedCheckpoint) -> None:
                             f"--no-load-optim (weights, iteration, data position and LR schedule carry over, Adam "
                             f"moments restart)")
         return
-    if not isinstance(optimization, NativeOptimization):
-        raise UserError(f"--load {root}: a native checkpoint's optimizer state cannot be given to DeepSpeed; "
-                        f"pass --no-load-optim to continue from its weights with a fresh optimizer")
-    sharded = optimization.optimizer.shard_over_dp
-    saved = None
     if loaded.same_layout:
-        record = source.file[MEGAGROW_KEY]
-        if "optimizer" in record and record["optimizer"] is None:
-            logger.info("%s asks for a fresh optimizer (grown from a Megatron-LM checkpoint)", root)
-            return
-        if sharded:
-            saved = _load_if_present(source.path.with_name(distributed_optimizer_file(state.dp_rank())))
-        else:
-            saved = record.get("optimizer")
-    elif source.format == TORCH_DIST:
-        saved_parallel = source.common[MEGAGROW_KEY]["config"]["parallel"]
-        if (saved_parallel["tp"], saved_parallel["pp"]) == (state.tp_size(), state.pp_size()):
-            dp_rank = state.dp_rank() if sharded else 0
-            saved = _load_if_present(source.directory / torch_dist_optimizer_file(state.tp_rank(), state.pp_rank(),
-                                                                                  dp_rank))
-    if saved is None:
-        saved_layout = source.recorded_layout() if loaded.same_layout else (source.tp, source.pp)
-        raise UserError(f"--load {root}: the checkpoint has no optimizer state for this run's layout (tp="
-                        f"{state.tp_size()} pp={state.pp_size()}, {'distributed' if sharded else 'plain'} optimizer; "
-                        f"it was saved with tp={saved_layout[0]} pp={saved_layout[1]}); pass --no-load-optim to start "
-                        f"the optimizer afresh, or resume with the layout it was saved with")
+        record = source.file[MEGAGROW_KEY].get("optimizer", _MISSING)
+    elif source.has_optimizer_state:
+        record = _optimizer_record_from(source, trainer)
+    else:
+        record = source.common[MEGAGROW_KEY].get("optimizer", _MISSING) if source.format == TORCH else _MISSING
+    if record is None:
+        logger.info("%s asks for a fresh optimizer (grown from a Megatron-LM checkpoint)", root)
+        return
+    if record is _MISSING or not record.get("params"):
+        raise UserError(f"--load {root}: the checkpoint holds no optimizer state (saved with --no-save-optim?); pass "
+                        f"--no-load-optim to start the optimizer afresh")
     try:
-        optimization.optimizer.load_state_dict(saved)
-    except (ValueError, KeyError) as err:
-        raise UserError(f"--load {root}: its optimizer state does not fit this run ({err}); was it saved with another "
-                        f"data-parallel size or optimizer? pass --no-load-optim to start the optimizer afresh") from None
+        trainer.optimization.load_optimizer_record(record)
+    except UserError as err:
+        raise UserError(f"--load {root}: {err}") from None
 
 
-def _load_if_present(path: Path):
-    return load_file(path) if path.is_file() else None
+_MISSING = object()
+
+
+def _optimizer_record_from(reader: CheckpointReader, trainer) -> dict:
+    """This rank's model-space optimizer record, regrouped from a checkpoint of another layout or format."""
+    model = trainer.model
+    layers = range(model.layer_offset, model.layer_offset + len(model.decoder.layers))
+    where = dict(tp=state.tp_size(), tp_rank=state.tp_rank(), first=model.pre_process, last=model.post_process)
+    kinds = {kind: stage_shard(reader.config, reader.group_reader(kind), layers, **where) for kind in STATE_KINDS}
+    step = reader.optimizer_steps()
+    loss_scaler = (reader.common.get(MEGAGROW_KEY, {}).get("optimizer") or {}).get("loss_scaler")
+    params = {name: param_state(kinds[EXP_AVG][name], kinds[EXP_AVG_SQ][name], kinds[MASTER][name], step)
+              for name in kinds[EXP_AVG]}
+    return stage_record(params, loss_scaler)
 
 
 def _restore(trainer, progress: dict, scheduler_num_steps: int | None, rng) -> None:

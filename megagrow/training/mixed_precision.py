@@ -11,6 +11,11 @@ fp32 master copies from the fp32 `main_grad` buffers of `DataParallelGradReducer
 
 A step unscales fp16 gradients, computes the global norm, skips the update when the
 norm is not finite (counted, and the fp16 scale backs off), clips, steps and copies back.
+
+Checkpoints hold the Adam state in model space (megagrow/checkpoint/optimizer_layout.py):
+`model_space_state` gathers each parameter's moments and master over the dp ranks that
+hold slices of it, `load_model_space_state` cuts a rank's slices back out, so a checkpoint
+resumes under any dp size, sharded or not.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch.distributed as dist
 from megagrow.parallel.data_parallel import DataParallelGradReducer
 from megagrow.training.clip_grads import clip_by_norm, global_grad_norm
 from megagrow.training.loss_scaler import DynamicLossScaler
-from megagrow.checkpoint.optimizer_layout import uses_weight_decay
+from megagrow.checkpoint.optimizer_layout import EXP_AVG, EXP_AVG_SQ, MASTER, param_state, uses_weight_decay
 from megagrow.training.optimizer import OptimizerConfig, build_adamw
 
 
@@ -160,23 +165,84 @@ class MixedPrecisionOptimizer:
                 offset, numel = bucket.offsets[id(param)]
                 param.view(-1).copy_(staging[offset : offset + numel])
 
-    def state_dict(self) -> dict:
-        """Adam state, fp32 masters (when they are copies) and the loss scaler."""
-        masters = [f.master.detach() if f.master is not f.param else None for f in self.fragments]
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "masters": masters,
-            "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler else None,
-        }
+    def loss_scaler_state(self) -> dict | None:
+        """The fp16 loss scaler's state (None without fp16)."""
+        return self.loss_scaler.state_dict() if self.loss_scaler else None
 
-    def load_state_dict(self, saved: dict) -> None:
-        """Restore what state_dict saved (same model, same parallel layout)."""
-        if len(saved["masters"]) != len(self.fragments):
-            raise ValueError("optimizer state does not match this model's parameters")
-        with torch.no_grad():
-            for f, master in zip(self.fragments, saved["masters"]):
-                if master is not None:
-                    f.master.copy_(master)
-        self.optimizer.load_state_dict(saved["optimizer"])
-        if self.loss_scaler is not None and saved.get("loss_scaler"):
-            self.loss_scaler.load_state_dict(saved["loss_scaler"])
+    def load_loss_scaler_state(self, saved: dict | None) -> None:
+        """Restore what loss_scaler_state gave."""
+        if self.loss_scaler is not None and saved:
+            self.loss_scaler.load_state_dict(saved)
+
+    def _step_of(self, fragment: _Fragment) -> int | None:
+        state = self.optimizer.state.get(fragment.master)
+        if not state:
+            return None
+        if "step" in state:
+            return int(state["step"])
+        group = next(g for g in self.optimizer.param_groups if any(p is fragment.master for p in g["params"]))
+        return int(group["step"])  # apex FusedAdam counts steps per group
+
+    @torch.no_grad()
+    def model_space_state(self) -> dict[torch.nn.Parameter, dict]:
+        """Each parameter's Adam moments, fp32 master and step count in its own shape (collective over dp when sharded)."""
+        steps = [self._step_of(f) for f in self.fragments]
+        known = [s for s in steps if s is not None]
+        step = torch.tensor([max(known) if known else -1], dtype=torch.int64)
+        if self.shard_over_dp:
+            dist.all_reduce(step, op=dist.ReduceOp.MAX, group=self.reducer.group)  # [1] a rank may hold no fragment
+        if int(step) < 0:
+            return {}  # never stepped: a fresh optimizer
+        records = {}
+        for param, values in self._gathered(lambda f, kind: self._value(f, kind)).items():
+            master = values[MASTER] if param.dtype != torch.float32 else None
+            records[param] = param_state(values[EXP_AVG], values[EXP_AVG_SQ], master, int(step))
+        return records
+
+    def _value(self, fragment: _Fragment, kind: str) -> torch.Tensor:
+        if kind == MASTER:
+            return fragment.master.detach().reshape(-1)
+        state = self.optimizer.state.get(fragment.master)
+        return state[kind].reshape(-1) if state else torch.zeros(fragment.end - fragment.start)
+
+    def _gathered(self, value_of) -> dict[torch.nn.Parameter, dict[str, torch.Tensor]]:
+        """value_of(fragment, kind) of every fragment, assembled per whole parameter (all-gathered over dp if sharded)."""
+        kinds = (EXP_AVG, EXP_AVG_SQ, MASTER)
+        if not self.shard_over_dp:
+            return {f.param: {kind: value_of(f, kind).view_as(f.param).clone() for kind in kinds}
+                    for f in self.fragments}
+        by_bucket: dict[int, list[_Fragment]] = {}
+        for f in self.fragments:
+            by_bucket.setdefault(id(self.reducer._bucket_of[id(f.param)]), []).append(f)
+        gathered = {}
+        for bucket in self.reducer.buckets:
+            shard = self.reducer.local_shard(bucket)
+            lo = shard.storage_offset() - bucket.buffer.storage_offset()
+            full = {}
+            for kind in kinds:
+                # staging [n]: this rank fills the fragments of its slice [n / dp]; all-gather completes it.
+                staging = torch.zeros(bucket.buffer.numel(), dtype=torch.float32, device=bucket.buffer.device)
+                for f in by_bucket.get(id(bucket), []):
+                    offset, _ = bucket.offsets[id(f.param)]
+                    staging[offset + f.start : offset + f.end].copy_(value_of(f, kind))
+                local = staging[lo : lo + shard.numel()].clone()
+                dist.all_gather_into_tensor(staging, local, group=self.reducer.group)
+                full[kind] = staging
+            for param in bucket.params:
+                offset, numel = bucket.offsets[id(param)]
+                gathered[param] = {kind: full[kind][offset : offset + numel].view_as(param).clone() for kind in kinds}
+        return gathered
+
+    @torch.no_grad()
+    def load_model_space_state(self, records: dict[torch.nn.Parameter, dict]) -> None:
+        """Put model-space records (as model_space_state gives) into this rank's fragments; absent ones stay fresh."""
+        for f in self.fragments:
+            record = records.get(f.param)
+            if record is None:
+                continue
+            if record[MASTER] is not None and f.master is not f.param:
+                f.master.copy_(record[MASTER].reshape(-1)[f.start : f.end].view_as(f.master))
+            self.optimizer.state[f.master] = {
+                "step": torch.tensor(float(record["step"]), dtype=torch.float32),
+                **{kind: record[kind].reshape(-1)[f.start : f.end].to(torch.float32).view_as(f.master).clone()
+                   for kind in (EXP_AVG, EXP_AVG_SQ)}}

@@ -9,13 +9,17 @@ the logging do not care which one runs:
     start_step(n)       before the n micro-batch backwards of one iteration
     finish_step()       reduce, sum replicated partial gradients, clip, update -> StepResult
     skip_counts(result) whether a skipped step counts toward --max-consecutive-skipped-steps
+    optimizer_record()  the stage's Adam state in model space, by parameter name (collective over dp)
+    load_optimizer_record(record)   put such a record back into this backend's own layout
 """
 
 from __future__ import annotations
 
 import torch.distributed as dist
 
+from megagrow.checkpoint.optimizer_layout import stage_record
 from megagrow.config import TrainConfig
+from megagrow.errors import UserError
 from megagrow.parallel import state
 from megagrow.parallel.data_parallel import DataParallelGradReducer
 from megagrow.parallel.layers import sync_sequence_parallel_grads
@@ -93,6 +97,31 @@ class NativeOptimization:
         """An fp16 overflow while the loss scale can still back off is routine, not divergence."""
         scaler = self.optimizer.loss_scaler
         return scaler is None or result.loss_scale <= scaler.config.min_scale
+
+    def optimizer_record(self) -> dict:
+        """The stage's Adam state in model space, by parameter name (collective over dp with the distributed optimizer)."""
+        names = {param: name for name, param in self.model.named_parameters()}
+        states = self.optimizer.model_space_state()
+        return stage_record({names[param]: record for param, record in states.items()}, self.optimizer.loss_scaler_state())
+
+    def load_optimizer_record(self, record: dict) -> None:
+        """Put a model-space record into the optimizer's fragments."""
+        params = dict(self.model.named_parameters())
+        load_model_space_record(record, params, self.optimizer.load_model_space_state)
+        self.optimizer.load_loss_scaler_state(record.get("loss_scaler"))
+
+
+def load_model_space_record(record: dict, params: dict, load) -> None:
+    """Check a record's names against this stage's parameters and hand it to `load` by parameter."""
+    unknown = sorted(set(record["params"]) - set(params))
+    if unknown:
+        raise UserError(f"the optimizer state names {unknown[:3]}, which this stage does not have; it was saved for "
+                        f"another model or pipeline split (pass --no-load-optim to start the optimizer afresh)")
+    for name, state in record["params"].items():
+        if tuple(state["exp_avg"].shape) != tuple(params[name].shape):
+            raise UserError(f"the optimizer state of {name} has shape {tuple(state['exp_avg'].shape)}, the parameter "
+                            f"{tuple(params[name].shape)}; it was saved with another tensor-parallel size")
+    load({params[name]: state for name, state in record["params"].items()})
 
 
 def build_optimization(model, train: TrainConfig, parallel, train_iters: int, tie_embeddings: bool):
