@@ -1,4 +1,5 @@
-"""Read a checkpoint written by the DeepSpeed backend (any ZeRO stage) as full, unsharded tensors.
+"""Read a DeepSpeed-format checkpoint written by megagrow's DeepSpeed backend before it saved megagrow's own
+format (any ZeRO stage), as full, unsharded tensors in megatron-core's names.
 
 DeepSpeed's layout under `{root}/{tag}/` for a run with model-parallel ranks
 mp = pp_rank * tp + tp_rank (megagrow.parallel.state.mp_rank):
@@ -12,8 +13,8 @@ mp = pp_rank * tp + tp_rank (megagrow.parallel.state.mp_rank):
 megagrow's DeepSpeed backend also gathers ZeRO-3 weights at save time into a plain state
 dict per model-parallel rank (megagrow_model_mp_rank_MM.pt), which is read when present;
 otherwise ZeRO-3 weights are rebuilt from the fp32 master partitions. ZeRO 0-2 weights
-come from the module weights (in the training dtype), whose layers each stage numbers from 0.
-The run's megagrow record travels in the client state. Every file is read through
+come from the module weights (in the training dtype). The run's config travels in the client
+state; the weights carry megagrow's format-1 names (megagrow_v1.py), renamed on reading. Every file is read through
 safe_load (DeepSpeed's enum and loss-scaler records become plain stand-ins); anything else
 is refused (some Python versions pickle the enum through getattr, which is refused too:
 such checkpoints need the gathered file).
@@ -28,9 +29,7 @@ from pathlib import Path
 
 import torch
 
-from megagrow.checkpoint import names
-from megagrow.checkpoint.megatron_state import MEGAGROW_KEY
-from megagrow.checkpoint.reader import config_of
+from megagrow.checkpoint import megagrow_v1, names
 from megagrow.checkpoint.safe_load import load_file
 from megagrow.checkpoint.tp_layout import merge_from_tp
 from megagrow.config import ModelConfig
@@ -65,17 +64,18 @@ def read_deepspeed_checkpoint(root: str | os.PathLike, tag: str | None = None) -
     if not files:
         raise UserError(f"{directory}: no *model_states.pt files; not a DeepSpeed checkpoint")
     first = _load(next(iter(files[min(files)].values())))
-    record = first.get(MEGAGROW_KEY)
-    if not isinstance(record, dict) or "config" not in record:
-        raise UserError(f"{directory}: no megagrow record in the client state; only checkpoints written by "
-                        f"pretrain_gpt.py --deepspeed can be converted")
-    config = config_of(first, str(directory))
-    tp, pp = record["config"]["parallel"]["tp"], record["config"]["parallel"]["pp"]
+    if not megagrow_v1.is_v1_record(first):
+        raise UserError(f"{directory}: no megagrow config in the client state; only DeepSpeed checkpoints written by "
+                        f"megagrow's pretrain_gpt.py --deepspeed can be converted")
+    config = megagrow_v1.model_config(first, str(directory))
+    tp, pp = megagrow_v1.recorded_layout(first)
     if sorted(files) != list(range(tp * pp)):
         raise UserError(f"{directory}: model-parallel ranks {sorted(files)} do not match tp={tp} x pp={pp}; "
                         f"the checkpoint is incomplete")
-    iteration = int(record.get("progress", {}).get("iteration", 0))
-    shards = {mp: _mp_rank_weights(directory, mp, files[mp]) for mp in range(tp * pp)}
+    iteration = int(first.get("progress", {}).get("iteration", 0))
+    shards = {mp: megagrow_v1.canonical_model_state(_mp_rank_weights(directory, mp, files[mp]), config, tp,
+                                                    str(directory))
+              for mp in range(tp * pp)}
     return config, _merge(shards, config, tp, pp), iteration
 
 

@@ -4,18 +4,19 @@ Saving (`--ckpt-format torch`, the default, or `torch_dist`) writes Megatron-LM'
 (megagrow/checkpoint/megatron_state.py and torch_dist.py describe them): the model under
 megatron-core's names, Megatron's `args` with the data position, its LR scheduler and RNG
 records, and megagrow's own record beside them — configs, progress, LR schedule and,
-unless --no-save-optim, the optimizer state (per-dp-rank files with the distributed
-optimizer). The DeepSpeed backend saves through its engine, with the same records as
-client state.
+unless --no-save-optim, the optimizer state in model space (megagrow/checkpoint/
+optimizer_layout.py), gathered from whichever backend trains: megagrow's optimizer, plain
+or distributed, or DeepSpeed at any ZeRO stage. A checkpoint in DeepSpeed's own format is
+refused (its engine would unpickle it); tools/convert_deepspeed_checkpoint.py reads one safely.
 
 Loading is two-phase, because optimizers copy the weights when they are built:
 `load_weights` puts the weights in before the optimizer exists, `load_training_state`
 then restores progress, LR schedule, RNG and optimizer. Weights load from any checkpoint
 CheckpointReader reads, in any layout: this rank's shard file directly when the layout
-is the run's, else this stage's tensors gathered from the full groups. Optimizer state
-is megagrow's and fits the layout it was saved with; Megatron-LM's optimizer state is
-not read (--no-load-optim continues with fresh Adam moments; weights, iteration, data
-position and LR schedule carry over).
+is the run's, else this stage's tensors gathered from the full groups; the optimizer state
+regroups the same way, into any backend. Megatron-LM's optimizer state is not read
+(--no-load-optim continues with fresh Adam moments; weights, iteration, data position and
+LR schedule carry over).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from megagrow.checkpoint.layout import (
     save_checkpoint,
     save_iteration,
     shard_path,
-    write_tracker,
 )
 from megagrow.checkpoint.megatron_args import build_args, config_record
 from megagrow.checkpoint.megatron_state import (
@@ -63,7 +63,6 @@ from megagrow.config import TrainConfig
 from megagrow.errors import UserError
 from megagrow.parallel import state
 from megagrow.parallel.pipeline import partition_layers
-from megagrow.training.optimization import NativeOptimization
 
 logger = logging.getLogger("megagrow.training")
 # Model fields that may differ between a checkpoint and the run loading it.
@@ -84,8 +83,7 @@ def _megagrow_record(trainer, optimizer: dict | None = None) -> dict:
     optimization = trainer.optimization
     record = {"config": config_record(trainer.model_config, trainer.parallel, trainer.train),
               "progress": asdict(trainer.progress)}
-    if isinstance(optimization, NativeOptimization):
-        record["scheduler"] = optimization.scheduler.state_dict()
+    record["scheduler"] = optimization.scheduler.state_dict()
     if optimizer is not None:
         record["optimizer"] = optimizer
     return record
@@ -102,42 +100,33 @@ def _megatron_entries(trainer) -> dict:
                       consumed_train_samples=trainer.progress.consumed_samples)
     entries = {"args": args, "rng": None if train.no_save_rng else rng_state(train.seed, state.tp_rank(), state.pp_rank())}
     optimization = trainer.optimization
-    if isinstance(optimization, NativeOptimization):
-        schedule = asdict(optimization.scheduler.config)
-        entries["scheduler"] = scheduler_state(optimization.scheduler.num_steps, schedule, train.global_batch_size)
+    schedule = asdict(optimization.scheduler.config)
+    entries["scheduler"] = scheduler_state(optimization.scheduler.num_steps, schedule, train.global_batch_size)
     return entries
 
 
 def save(trainer) -> None:
     """Collectively save the trainer's state at its current iteration to --save."""
     root, iteration = trainer.train.save, trainer.progress.iteration
-    optimization = trainer.optimization
-    if not isinstance(optimization, NativeOptimization):
-        megatron = _megatron_entries(trainer)
-        client_state = {"args": megatron["args"], "rng_state": megatron["rng"],
-                        MEGAGROW_KEY: _megagrow_record(trainer, optimizer=False)}
-        optimization.save(root, f"iter_{iteration:07d}", client_state)
-        # The same tracker as native checkpoints, so tools find the latest iteration either way.
-        if state.mp_rank() == 0 and state.dp_rank() == 0:
-            write_tracker(root, iteration)
-    elif trainer.train.ckpt_format == TORCH_DIST:
-        _save_torch_dist(trainer, optimization)
+    if trainer.train.ckpt_format == TORCH_DIST:
+        _save_torch_dist(trainer)
     else:
-        _save_torch(trainer, optimization)
+        _save_torch(trainer)
     logger.info("saved checkpoint %s at iteration %d (%s)", root, iteration, trainer.train.ckpt_format)
 
 
-def _stage_state(trainer) -> dict:
+def _stage_state(weights: dict, trainer) -> dict:
     model = trainer.model
-    return with_extra_states(model.state_dict(), len(model.decoder.layers), model.post_process)
+    return with_extra_states(weights, len(model.decoder.layers), model.post_process)
 
 
-def _save_torch(trainer, optimization: NativeOptimization) -> None:
-    optimizer = _optimizer_record(trainer)
+def _save_torch(trainer) -> None:
+    # Both are collective over dp (the distributed optimizer's slices, DeepSpeed's partitions).
+    weights, optimizer = trainer.optimization.stage_weights(), _optimizer_record(trainer)
     shard = None
     if state.dp_rank() == 0:
         megatron = _megatron_entries(trainer)
-        shard = shard_file(_stage_state(trainer), args=megatron["args"], iteration=trainer.progress.iteration,
+        shard = shard_file(_stage_state(weights, trainer), args=megatron["args"], iteration=trainer.progress.iteration,
                            megagrow=_megagrow_record(trainer, optimizer), rng=megatron["rng"],
                            scheduler=megatron.get("scheduler"))
     save_checkpoint(trainer.train.save, trainer.progress.iteration, shard, tp_rank=state.tp_rank(),
@@ -153,10 +142,10 @@ def _optimizer_entries(optimizer: dict, where: dict) -> list:
     return entries
 
 
-def _save_torch_dist(trainer, optimization: NativeOptimization) -> None:
+def _save_torch_dist(trainer) -> None:
     model, train = trainer.model, trainer.train
     megatron = _megatron_entries(trainer)
-    optimizer = _optimizer_record(trainer)
+    weights, optimizer = trainer.optimization.stage_weights(), _optimizer_record(trainer)
 
     def write(tmp_dir: Path) -> None:
         entries = []
@@ -165,7 +154,7 @@ def _save_torch_dist(trainer, optimization: NativeOptimization) -> None:
             tied_copy = model.post_process and not model.pre_process and trainer.model_config.tie_embeddings
             where = dict(tp_rank=state.tp_rank(), tp=state.tp_size(), layers=layers,
                          num_layers=trainer.model_config.num_layers, tied_head_copy=tied_copy)
-            entries = list(torch_dist.stage_entries([model.state_dict()], **where))
+            entries = list(torch_dist.stage_entries([weights], **where))
             if optimizer is not None:
                 entries += _optimizer_entries(optimizer, where)
             if megatron["rng"] is not None:
@@ -237,8 +226,7 @@ def _run_layers_per_stage(trainer) -> list[int]:
 def load_weights(trainer) -> LoadedCheckpoint | None:
     """Phase 1, before the optimizer exists: put the checkpoint's weights into this rank's stage.
 
-    Returns what phase 2 needs, or None (no checkpoint yet, or a DeepSpeed checkpoint, which
-    the engine loads in phase 2).
+    Returns what phase 2 needs, or None (no checkpoint yet).
     """
     root, train = trainer.train.load, trainer.train
     iteration = read_tracker(root)
@@ -246,10 +234,10 @@ def load_weights(trainer) -> LoadedCheckpoint | None:
         logger.warning("--load %s holds no checkpoint yet; training from scratch", root)
         return None
     if is_deepspeed_checkpoint(root):
-        if not train.deepspeed:
-            raise UserError(f"--load {root}: this is a DeepSpeed checkpoint; add --deepspeed, or convert it with "
-                            f"tools/convert_deepspeed_checkpoint.py")
-        return None
+        # megagrow's DeepSpeed runs save megagrow's format; DeepSpeed's own would be unpickled by its engine.
+        raise UserError(f"--load {root} is in DeepSpeed's own checkpoint format, which megagrow does not let DeepSpeed "
+                        f"load (its files are unpickled whole); convert it once with "
+                        f"python tools/convert_deepspeed_checkpoint.py --load {root} --save NEW_DIR")
     own = _own_shard(trainer, root, iteration)
     if own is not None:
         source, weights = own, own.model
@@ -307,13 +295,7 @@ def _all_ranks_agree(flag: bool) -> bool:
 def load_training_state(trainer, loaded: LoadedCheckpoint | None) -> None:
     """Phase 2, with the optimizer built: progress, LR schedule, RNG and optimizer (or the engine's checkpoint)."""
     root, train = trainer.train.load, trainer.train
-    optimization = trainer.optimization
     if loaded is None:
-        if read_tracker(root) is not None and is_deepspeed_checkpoint(root):
-            client_state = optimization.load(root, load_optimizer=not train.no_load_optim)
-            record = client_state[MEGAGROW_KEY]
-            check_model_config(record["config"]["model"], asdict(trainer.model_config), str(root))
-            _restore(trainer, record["progress"], None, client_state.get("rng_state"))
         return
     reader = loaded.source
     position = reader.run_position()
@@ -382,9 +364,8 @@ def _optimizer_record_from(reader: CheckpointReader, trainer) -> dict:
 def _restore(trainer, progress: dict, scheduler_num_steps: int | None, rng) -> None:
     for name, value in progress.items():
         setattr(trainer.progress, name, value)
-    optimization = trainer.optimization
-    if scheduler_num_steps is not None and isinstance(optimization, NativeOptimization):
-        optimization.scheduler.load_state_dict({"num_steps": scheduler_num_steps})
+    if scheduler_num_steps is not None:
+        trainer.optimization.scheduler.load_state_dict({"num_steps": scheduler_num_steps})
     if not trainer.train.no_load_rng and rng is not None:
         restore_rng(rng)
     logger.info("resumed from %s at iteration %d (%d samples consumed)", trainer.train.load, trainer.progress.iteration,

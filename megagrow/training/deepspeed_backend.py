@@ -8,6 +8,11 @@ schedule) only accumulate and `engine.step()` once per iteration is the boundary
 reduces and updates. DeepSpeed's own PipelineEngine is not used: it would need the model
 rewritten as a PipelineModule, and megagrow's schedule already does the job.
 
+Checkpoints are megagrow's (Megatron-LM's format, `--ckpt-format`), not DeepSpeed's: the
+engine's weights and Adam state are gathered into model space on save and scattered back on
+load (megagrow/training/deepspeed_state.py), so a DeepSpeed run resumes under any ZeRO stage,
+by megagrow's own optimizer, or grows, and no checkpoint is ever unpickled by the engine.
+
 With pipeline parallelism only ZeRO-1 is accepted: ZeRO-2/3 partition gradients (and
 ZeRO-3 the weights) over dp ranks during every backward, which under a pipeline schedule
 means a reduce-scatter (and all-gathers) per micro-batch instead of one per step — the
@@ -18,8 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from pathlib import Path
 
 import torch
 
@@ -28,7 +31,13 @@ from megagrow.errors import UserError
 from megagrow.parallel import state
 from megagrow.training.lr_schedule import LRScheduler
 from megagrow.training.mixed_precision import StepResult
-from megagrow.training.optimization import lr_schedule_config, optimizer_config, sum_replicated_grads
+from megagrow.training.deepspeed_state import load_model_space_record, model_space_record, stage_weights
+from megagrow.training.optimization import (
+    load_record_checked,
+    lr_schedule_config,
+    optimizer_config,
+    sum_replicated_grads,
+)
 from megagrow.training.optimizer import build_adamw, weight_decay_groups
 
 logger = logging.getLogger("megagrow.training")
@@ -204,35 +213,21 @@ class DeepSpeedOptimization:
         """fp16 overflows are the engine's business while its scale can back off."""
         return not self.config["fp16"]["enabled"]
 
-    def save(self, root: str, tag: str, client_state: dict) -> None:
-        """Collectively save through the engine (DeepSpeed's layout under root/tag)."""
-        self.engine.save_checkpoint(root, tag=tag, client_state=client_state)
-        if self.zero_stage == 3:
-            self._save_gathered_weights(Path(root) / tag)
+    def stage_weights(self) -> dict:
+        """The stage's weights for a checkpoint (ZeRO-3's partitions gathered; collective)."""
+        return stage_weights(self.model, self.zero_stage)
 
-    def _save_gathered_weights(self, directory: Path) -> None:
-        # ZeRO-3 files hold each parameter cut over dp ranks inside pickled optimizer
-        # state; a plain state dict beside them lets the converter (and anyone) read the
-        # weights with weights_only and no DeepSpeed. Gathered one parameter at a time.
-        import deepspeed
+    def optimizer_record(self) -> dict:
+        """The stage's Adam state in model space, by parameter name (collective over dp)."""
+        record = model_space_record(self.engine, self.model)
+        if self.config["fp16"]["enabled"]:
+            record["loss_scaler"] = {"scale": float(self.loss_scale)}
+        return record
 
-        from megagrow.checkpoint.deepspeed_reader import gathered_weights_file
-
-        weights = {}
-        for name, param in self.model.named_parameters():
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                if state.dp_rank() == 0:
-                    weights[name] = param.detach().to("cpu", copy=True)
-        if state.dp_rank() == 0:
-            target = directory / gathered_weights_file(state.mp_rank())
-            tmp = target.with_name(target.name + ".tmp")
-            torch.save(weights, tmp)
-            os.replace(tmp, target)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-
-    def load(self, root: str, load_optimizer: bool) -> dict | None:
-        """Load the latest DeepSpeed checkpoint under root; returns the client state (None if there is none)."""
-        path, client_state = self.engine.load_checkpoint(root, load_optimizer_states=load_optimizer,
-                                                         load_lr_scheduler_states=load_optimizer)
-        return client_state if path is not None else None
+    def load_optimizer_record(self, record: dict) -> None:
+        """Scatter a model-space record into the engine's ZeRO partitions."""
+        load_record_checked(record, dict(self.model.named_parameters()),
+                            lambda _: load_model_space_record(self.engine, self.model, record))
+        scale = (record.get("loss_scaler") or {}).get("scale")
+        if scale is not None and hasattr(self.optimizer, "cur_scale"):
+            self.optimizer.cur_scale = scale

@@ -104,23 +104,28 @@ class NativeOptimization:
         states = self.optimizer.model_space_state()
         return stage_record({names[param]: record for param, record in states.items()}, self.optimizer.loss_scaler_state())
 
+    def stage_weights(self) -> dict:
+        """The stage's weights for a checkpoint."""
+        return {name: tensor.detach() for name, tensor in self.model.state_dict().items()}
+
     def load_optimizer_record(self, record: dict) -> None:
         """Put a model-space record into the optimizer's fragments."""
         params = dict(self.model.named_parameters())
-        load_model_space_record(record, params, self.optimizer.load_model_space_state)
+        load_record_checked(record, params, self.optimizer.load_model_space_state)
         self.optimizer.load_loss_scaler_state(record.get("loss_scaler"))
 
 
-def load_model_space_record(record: dict, params: dict, load) -> None:
+def load_record_checked(record: dict, params: dict, load) -> None:
     """Check a record's names against this stage's parameters and hand it to `load` by parameter."""
     unknown = sorted(set(record["params"]) - set(params))
     if unknown:
         raise UserError(f"the optimizer state names {unknown[:3]}, which this stage does not have; it was saved for "
                         f"another model or pipeline split (pass --no-load-optim to start the optimizer afresh)")
     for name, state in record["params"].items():
-        if tuple(state["exp_avg"].shape) != tuple(params[name].shape):
+        shape = tuple(getattr(params[name], "ds_shape", params[name].shape))  # ZeRO-3 keeps a partition
+        if tuple(state["exp_avg"].shape) != shape:
             raise UserError(f"the optimizer state of {name} has shape {tuple(state['exp_avg'].shape)}, the parameter "
-                            f"{tuple(params[name].shape)}; it was saved with another tensor-parallel size")
+                            f"{shape}; it was saved with another tensor-parallel size")
     load({params[name]: state for name, state in record["params"].items()})
 
 
