@@ -1,18 +1,35 @@
-"""Tokenize a jsonl corpus (plain or .gz) into Megatron indexed datasets.
+"""Tokenize a text corpus (jsonl, jsonl.gz, jsonl.zst or parquet files) into Megatron indexed datasets.
 
 Writes `{output_prefix}_{key}_document.bin/.idx` for every --json-keys key; flags follow
-Megatron-LM's tools/preprocess_data.py. Each good line is one document in every output,
-so the outputs of several keys stay aligned line by line.
+Megatron-LM's tools/preprocess_data.py. Each good record is one document in every
+output, so the outputs of several keys stay aligned record by record.
 
     python tools/preprocess_data.py --input data/corpus/code.jsonl --output-prefix data/code \\
         --tokenizer-type SentencePieceTokenizer --tokenizer-model data/tokenizer.model \\
         --append-eod --workers 2
+    python tools/preprocess_data.py --input 'SlimPajama/train/chunk*/*.jsonl.zst' starcoder/python/ \\
+        --json-keys text --output-prefix data/mix --tokenizer-model data/tokenizer.model --append-eod
 
-Worker processes parse and tokenize batches of raw lines; the main process only reads
-bytes and writes tokens, so throughput scales with --workers. Bad lines (invalid JSON,
-not an object, missing key, non-string value) are skipped and reported with their line
-numbers. Outputs appear under their final names only when complete; an interrupted or
-failed run leaves an existing older output untouched and no new one.
+--input takes files, directories (every corpus file below them) and glob patterns, as
+many as needed; documents are taken in sorted path order, then line (or row) order, so
+a rerun writes the same bytes. jsonl files may be plain, gzip or zstd (recognised by
+their content); in parquet files --json-keys names the text columns. One dataset per key
+holds every input, or one per input file with --output-per-input.
+
+Many nodes: --num-shards K --shard-index I (by default SLURM_ARRAY_TASK_COUNT and
+SLURM_ARRAY_TASK_ID) takes shard I's 1/K of the input files and writes
+`{output_prefix}_shard{I:05d}of{K:05d}_{key}_document`; a shard whose manifest shows it
+complete is skipped, so a rerun of the array redoes only what is missing, and
+tools/merge_datasets.py joins the shards. See examples/preprocess_slurm/.
+
+Worker processes parse and tokenize batches of records (a batch may span several small
+files, a large file spans many batches); the main process only reads and writes. Bad
+records (invalid JSON, not an object, missing key, non-string value) are skipped and
+reported per file with their line numbers. A file that cannot be read to its end
+(truncated gzip/zstd, parquet without the column) stops the run, or with
+--skip-bad-files is left out entirely and reported. An input that yields no documents is
+an error unless --allow-empty. Outputs appear under their final names only when
+complete; an interrupted or failed run leaves an existing older output untouched.
 """
 
 from __future__ import annotations
@@ -34,20 +51,42 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from megagrow.data.corpus_inputs import (
+    CorpusFile,
+    Record,
+    RecordBatch,
+    batch_records,
+    find_corpus_files,
+    is_parquet_path,
+    per_input_names,
+)
+from megagrow.data.corpus_shards import (
+    ShardManifest,
+    ShardSpec,
+    files_of_shard,
+    manifest_inputs,
+    manifest_path,
+    shard_from_flags,
+    why_not_complete,
+    write_manifest,
+)
 from megagrow.data.indexed_dataset import (
+    BuilderMark,
     IndexedDatasetBuilder,
     data_file_path,
     index_file_path,
     open_builder,
+    stale_temporaries,
     token_dtype_for_vocab,
 )
-from megagrow.data.jsonl import BadLine, BadLineLog, InputFile, document_fields
+from megagrow.data.jsonl import BadLine, BadLineLog, column_fields, document_fields
 from megagrow.data.tokenizer import TOKENIZER_TYPE, SentencePieceTokenizer, build_tokenizer
-from megagrow.errors import exit_on_user_error
+from megagrow.errors import UserError, exit_on_user_error
 
 # A task also ends at this much input, so files of long documents (source files of tens
 # of KB) still split into enough tasks to keep every worker busy to the end.
 CHUNK_BYTES = 1 << 17
+REPORTED_FILES = 20  # files whose bad lines are listed in detail at the end
 
 
 # ------------------------------------------------------------------------------ workers
@@ -55,17 +94,15 @@ CHUNK_BYTES = 1 << 17
 
 @dataclass
 class EncodedChunk:
-    """Tokens of one batch of lines: per json key, all documents back to back plus their lengths."""
+    """Tokens of one batch of records: per json key, all good documents back to back plus their lengths."""
 
-    lines: int
-    bytes: int
-    bad_lines: list[tuple[int, str]]
+    bad_records: list[tuple[int, str]]  # (index in the batch, reason)
     tokens: list[np.ndarray]
     lengths: list[np.ndarray]
 
 
 class ChunkEncoder:
-    """Parses and tokenizes batches of raw jsonl lines; one lives in each worker process."""
+    """Parses and tokenizes batches of records (jsonl lines or parquet rows); one lives in each worker process."""
 
     def __init__(self, tokenizer: SentencePieceTokenizer, json_keys: Sequence[str], append_eod: bool, dtype):
         self.tokenizer = tokenizer
@@ -73,15 +110,17 @@ class ChunkEncoder:
         self.eod = tokenizer.eod if append_eod else None
         self.dtype = np.dtype(dtype)
 
-    def __call__(self, chunk: tuple[int, list[bytes]]) -> EncodedChunk:
-        first_line_number, lines = chunk
+    def __call__(self, records: list[Record]) -> EncodedChunk:
         documents: list[list[list[int]]] = [[] for _ in self.json_keys]
-        bad_lines = []
-        for line_number, line in enumerate(lines, start=first_line_number):
+        bad_records = []
+        for index, record in enumerate(records):
             try:
-                texts = document_fields(line, self.json_keys)
+                if isinstance(record, bytes):
+                    texts = document_fields(record, self.json_keys)
+                else:
+                    texts = column_fields(record, self.json_keys)
             except BadLine as err:
-                bad_lines.append((line_number, str(err)))
+                bad_records.append((index, str(err)))
                 continue
             for key_documents, text in zip(documents, texts):
                 ids = self.tokenizer.encode(text)
@@ -90,9 +129,7 @@ class ChunkEncoder:
                     ids.append(self.eod)
                 key_documents.append(ids)
         return EncodedChunk(
-            lines=len(lines),
-            bytes=sum(map(len, lines)),
-            bad_lines=bad_lines,
+            bad_records=bad_records,
             tokens=[np.fromiter(itertools.chain.from_iterable(d), self.dtype, sum(map(len, d))) for d in documents],
             lengths=[np.fromiter(map(len, d), np.int64, len(d)) for d in documents],
         )
@@ -111,9 +148,9 @@ def _init_worker(encoder: ChunkEncoder) -> None:
     _worker_encoder = encoder
 
 
-def _encode_in_worker(chunk: tuple[int, list[bytes]]) -> EncodedChunk:
-    """Pool task: encode one chunk with this worker's encoder."""
-    return _worker_encoder(chunk)
+def _encode_in_worker(records: list[Record]) -> EncodedChunk:
+    """Pool task: encode one batch with this worker's encoder."""
+    return _worker_encoder(records)
 
 
 def start_workers(workers: int, encoder: ChunkEncoder) -> multiprocessing.pool.Pool:
@@ -135,33 +172,26 @@ def start_workers(workers: int, encoder: ChunkEncoder) -> multiprocessing.pool.P
 # ---------------------------------------------------------------------------- main side
 
 
-def read_chunks(lines: Iterable[bytes], max_lines: int, max_bytes: int) -> Iterator[tuple[int, list[bytes]]]:
-    """Group raw lines into (first line number, lines) tasks of at most max_lines lines / about max_bytes."""
-    batch: list[bytes] = []
-    batch_bytes, first_line_number = 0, 1
-    for line_number, line in enumerate(lines, start=1):
-        batch.append(line)
-        batch_bytes += len(line)
-        if len(batch) >= max_lines or batch_bytes >= max_bytes:
-            yield first_line_number, batch
-            batch, batch_bytes, first_line_number = [], 0, line_number + 1
-    if batch:
-        yield first_line_number, batch
-
-
-def ordered_map(pool: multiprocessing.pool.Pool, func: Callable, tasks: Iterable, max_in_flight: int) -> Iterator:
-    """`func(task)` for every task, run by the pool, yielded in task order with at most `max_in_flight` queued.
+def ordered_map(pool: multiprocessing.pool.Pool, func: Callable, batches: Iterable[RecordBatch],
+                max_in_flight: int) -> Iterator[tuple[RecordBatch, EncodedChunk | None]]:
+    """(batch, func(batch.records)) for every batch, run by the pool, in batch order with at most `max_in_flight` queued.
 
     Pool.imap would read the whole input ahead into memory; this keeps reading in step
     with writing, and hands over each result as soon as those before it are done.
+    A batch without records (an empty file's bookkeeping) skips the pool and gets None.
     """
     pending: deque = deque()
-    for task in tasks:
-        pending.append(pool.apply_async(func, (task,)))
-        while len(pending) >= max_in_flight or (pending and pending[0].ready()):
-            yield pending.popleft().get()
+
+    def next_result():
+        batch, result = pending.popleft()
+        return batch, (result.get() if result is not None else None)
+
+    for batch in batches:
+        pending.append((batch, pool.apply_async(func, (batch.records,)) if batch.records else None))
+        while len(pending) >= max_in_flight or (pending and (pending[0][1] is None or pending[0][1].ready())):
+            yield next_result()
     while pending:
-        yield pending.popleft().get()
+        yield next_result()
 
 
 @contextlib.contextmanager
@@ -186,19 +216,38 @@ def sigterm_raises_system_exit():
 
 
 @dataclass
+class FileReport:
+    """What one input file gave: documents, tokens, bad records, and why it was left out if it was."""
+
+    path: str
+    bad_lines: BadLineLog
+    documents: int = 0
+    tokens: int = 0
+    empty_documents: int = 0
+    error: str | None = None
+
+
+@dataclass
 class PreprocessSummary:
     """What a run read and wrote."""
 
-    input: str
-    outputs: dict[str, str]
+    files: int
+    outputs: list[str]  # dataset prefixes, in the order written
     workers: int
+    shard: ShardSpec | None = None
+    already_complete: bool = False  # the shard's manifest showed it done; nothing was redone
     documents: int = 0
     empty_documents: int = 0
     tokens: int = 0
     input_bytes: int = 0
     bad_lines: int = 0
-    first_bad_lines: list[tuple[int, str]] = field(default_factory=list)
+    problem_files: list[FileReport] = field(default_factory=list)  # with bad lines, or left out
     seconds: float = 0.0
+
+    @property
+    def skipped_files(self) -> list[FileReport]:
+        """Files left out as unreadable (--skip-bad-files)."""
+        return [r for r in self.problem_files if r.error]
 
     @property
     def tokens_per_second(self) -> float:
@@ -207,108 +256,301 @@ class PreprocessSummary:
 
 
 class ProgressReport:
-    """A progress bar over the input bytes (on terminals) plus a log line every `log_interval` documents."""
+    """A bar over the input bytes with files, documents, tokens, tokens/s and ETA (on terminals), plus a log line every `log_interval` documents."""
 
-    def __init__(self, input_file: InputFile, log_interval: int, summary: PreprocessSummary, start: float):
-        self.input_file = input_file
+    def __init__(self, files: Sequence[CorpusFile], log_interval: int, summary: PreprocessSummary, start: float):
+        self.files = files
+        self.total_bytes = sum(f.size for f in files)
         self.log_interval = log_interval
         self.summary = summary
         self.start = start
-        self.bar = tqdm(
-            total=input_file.size,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc="tokenizing",
-            file=sys.stderr,
-            disable=None,
-        )
+        self.bar = tqdm(total=self.total_bytes or None, unit="B", unit_scale=True, unit_divisor=1024,
+                        desc="tokenizing", file=sys.stderr, disable=None)
         self.next_log = log_interval
+        self.files_done = 0
+        self.bytes_done = 0  # on-disk bytes of the files finished
 
-    def update(self) -> None:
-        """Advance the bar to the input position; log when another interval of documents is done."""
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+    def update(self, file_index: int, position: int) -> None:
+        """Advance to `position` bytes into file `file_index`; log when another interval of documents is done."""
         s = self.summary
-        position = self.input_file.position
-        self.bar.update((position if position is not None else s.input_bytes) - self.bar.n)
-        self.bar.set_postfix_str(
-            f"{s.documents / elapsed:,.0f} docs/s, {s.tokens / elapsed:,.0f} tokens/s", refresh=False
-        )
+        position = self.bytes_done + position
+        if s.documents < self.next_log and self.bar.disable:
+            return
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        files = f"file {min(self.files_done + 1, len(self.files)):,}/{len(self.files):,}"
+        rates = f"{s.documents:,} docs, {s.tokens:,} tokens, {s.tokens / elapsed:,.0f} tokens/s"
+        if not self.bar.disable:
+            self.bar.update(position - self.bar.n)
+            self.bar.set_postfix_str(f"{files}, {rates}", refresh=False)
         if s.documents >= self.next_log:
             self.next_log = (s.documents // self.log_interval + 1) * self.log_interval
-            # Line and newline in one write: an interrupt between two writes would glue
-            # the next message (the one-line error) onto this one.
-            self.bar.write(
-                f"processed {s.documents:,} documents ({s.documents / elapsed:,.0f} docs/s, "
-                f"{s.tokens / elapsed:,.0f} tokens/s, {s.input_bytes / elapsed / 2**20:.2f} MiB/s)\n",
-                file=sys.stderr, end="",
-            )
+            eta = ""
+            if self.total_bytes and position:
+                eta = f", {position / self.total_bytes:.1%} of input, ETA {_clock(elapsed * (self.total_bytes / position - 1))}"
+            self.write(f"processed {s.documents:,} documents ({files}, {s.tokens:,} tokens, "
+                       f"{s.documents / elapsed:,.0f} docs/s, {s.tokens / elapsed:,.0f} tokens/s, "
+                       f"{s.input_bytes / elapsed / 2**20:.2f} MiB/s{eta})")
+
+    def file_done(self, corpus_file: CorpusFile) -> None:
+        """Count a finished file."""
+        self.files_done += 1
+        self.bytes_done += corpus_file.size
+
+    def write(self, message: str) -> None:
+        """Print a line above the bar."""
+        # Line and newline in one write: an interrupt between two writes would glue
+        # the next message (the one-line error) onto this one.
+        self.bar.write(message + "\n", file=sys.stderr, end="")
 
     def close(self) -> None:
         """Remove the bar."""
         self.bar.close()
 
 
-def write_chunk(builders: list[IndexedDatasetBuilder], encoded: EncodedChunk) -> tuple[int, int]:
-    """Append a chunk's documents to every key's builder; returns (tokens, empty documents)."""
-    tokens = empty = 0
-    for builder, flat, lengths in zip(builders, encoded.tokens, encoded.lengths):
-        ends = np.cumsum(lengths)
-        for start, end in zip(itertools.chain((0,), ends.tolist()), ends.tolist()):
-            if end > start:
-                builder.add_item(flat[start:end])
-            else:
-                empty += 1  # As Megatron: a document with no sequences keeps the key outputs aligned.
-            builder.end_document()
-        tokens += flat.size
-    return tokens, empty
+def _clock(seconds: float) -> str:
+    """h:mm:ss."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class OutputDatasets:
+    """The datasets being written (one builder per json key); publishes them only when they hold documents or empties are allowed."""
+
+    def __init__(self, json_keys: Sequence[str], dtype, allow_empty: bool):
+        self.json_keys = list(json_keys)
+        self.dtype = dtype
+        self.allow_empty = allow_empty
+        self.builders: list[IndexedDatasetBuilder] = []
+        self.documents = 0
+        self.published: list[str] = []
+
+    def open(self, prefix: str) -> None:
+        """Start one dataset per key under `prefix`."""
+        self.builders = []
+        for key in self.json_keys:
+            self.builders.append(open_builder(f"{prefix}_{key}_document", self.dtype))
+        self.documents = 0
+
+    def add(self, tokens: Sequence[np.ndarray], lengths: Sequence[np.ndarray]) -> None:
+        """Append the same documents' tokens of every key."""
+        for builder, key_tokens, key_lengths in zip(self.builders, tokens, lengths):
+            builder.add_documents(key_tokens, key_lengths)
+        self.documents += len(lengths[0])
+
+    def mark(self) -> tuple[int, list[BuilderMark]]:
+        """The current end of every dataset, to roll back to."""
+        return self.documents, [b.mark() for b in self.builders]
+
+    def rollback(self, mark: tuple[int, list[BuilderMark]]) -> None:
+        """Drop every document added after `mark`."""
+        self.documents, marks = mark
+        for builder, builder_mark in zip(self.builders, marks):
+            builder.rollback(builder_mark)
+
+    def publish(self, what: str) -> None:
+        """Finish and rename the datasets into place; refuse in one line when they hold no documents."""
+        if not self.documents and not self.allow_empty:
+            raise UserError(
+                f"no documents in {what}, so nothing was written; check --input and --json-keys "
+                f"(pass --allow-empty to write empty datasets anyway)"
+            )
+        for builder in self.builders:
+            builder.finalize()
+            self.published.append(builder.prefix)
+        self.builders = []
+
+    def abort(self) -> None:
+        """Drop the datasets not yet published."""
+        for builder in self.builders:
+            builder.abort()
+        self.builders = []
+
+
+class BatchWriter:
+    """Writes encoded batches in input order: routes each file's documents, counts them, and handles unreadable files."""
+
+    def __init__(self, files: Sequence[CorpusFile], outputs: OutputDatasets, per_input_prefixes: Sequence[str] | None,
+                 skip_bad_files: bool, summary: PreprocessSummary, progress: ProgressReport):
+        self.files = files
+        self.outputs = outputs
+        self.per_input_prefixes = per_input_prefixes
+        self.skip_bad_files = skip_bad_files
+        self.summary = summary
+        self.progress = progress
+        self.report: FileReport | None = None  # of the file being written
+        self.file_start = None  # outputs' mark where that file's documents begin
+
+    def write(self, batch: RecordBatch, encoded: EncodedChunk | None) -> None:
+        """Write one batch's documents, segment by segment."""
+        records = documents = 0
+        token_starts = [0] * len(self.outputs.json_keys)
+        bad = encoded.bad_records if encoded else []
+        for segment in batch.segments:
+            if segment.starts_file:
+                self._start_file(segment.file_index)
+            in_segment = [(i, reason) for i, reason in bad if records <= i < records + segment.count]
+            for i, reason in in_segment:
+                self.report.bad_lines.add(segment.first_record + i - records, reason)
+            good = segment.count - len(in_segment)
+            if good:
+                lengths = [key_lengths[documents : documents + good] for key_lengths in encoded.lengths]
+                counts = [int(key_lengths.sum()) for key_lengths in lengths]
+                tokens = [t[s : s + n] for t, s, n in zip(encoded.tokens, token_starts, counts)]
+                token_starts = [s + n for s, n in zip(token_starts, counts)]
+                self.outputs.add(tokens, lengths)
+                self._count(good, sum(counts), sum(int((n == 0).sum()) for n in lengths))
+            records += segment.count
+            documents += good
+            if segment.error:
+                self._drop_file(segment.error)
+            if segment.ends_file:
+                self._end_file(segment.file_index)
+            self.progress.update(segment.file_index, segment.position)
+        self.summary.input_bytes += batch.bytes
+
+    def _start_file(self, index: int) -> None:
+        path = self.files[index].path
+        self.report = FileReport(path, BadLineLog(unit="row" if is_parquet_path(path) else "line"))
+        if self.per_input_prefixes is not None:
+            self.outputs.open(self.per_input_prefixes[index])
+        self.file_start = self.outputs.mark()
+
+    def _count(self, documents: int, tokens: int, empty: int, sign: int = 1) -> None:
+        for counts in (self.report, self.summary):
+            counts.documents += sign * documents
+            counts.tokens += sign * tokens
+            counts.empty_documents += sign * empty
+
+    def _drop_file(self, error: str) -> None:
+        """Leave out the whole file that failed to read (or stop the run)."""
+        if not self.skip_bad_files:
+            raise UserError(f"{error} (or pass --skip-bad-files to leave unreadable files out)")
+        self.outputs.rollback(self.file_start)
+        report = self.report
+        self._count(report.documents, report.tokens, report.empty_documents, sign=-1)
+        report.documents = report.tokens = report.empty_documents = 0
+        report.bad_lines = BadLineLog(unit=report.bad_lines.unit)
+        report.error = error
+        self.progress.write(f"skipped unreadable file: {error}")
+
+    def _end_file(self, index: int) -> None:
+        report = self.report
+        self.summary.bad_lines += report.bad_lines.count
+        if report.bad_lines.count or report.error:
+            self.summary.problem_files.append(report)
+        if self.per_input_prefixes is not None and not report.error:
+            self.outputs.publish(report.path)
+        elif self.per_input_prefixes is not None:
+            self.outputs.abort()
+        self.progress.file_done(self.files[index])
+
+
+@dataclass
+class RunPlan:
+    """What this process reads and writes: its files, its output names, and the shard it is."""
+
+    files: list[CorpusFile]
+    shard: ShardSpec | None
+    output_prefix: str  # of the combined datasets (the shard's when sharded)
+    per_input_prefixes: list[str] | None  # one per file with --output-per-input
+    dataset_prefixes: list[str]  # every dataset this run writes
+    settings: dict  # what shapes the output, as the shard manifest records it
+
+
+def plan_run(args: argparse.Namespace) -> RunPlan:
+    """Find the input files, take this shard's share of them, and name the outputs."""
+    files = find_corpus_files(args.input)
+    names = per_input_names(files) if args.output_per_input else None  # named over all files: shard-independent
+    shard = shard_from_flags(args.num_shards, args.shard_index)
+    if shard is not None:
+        mine = files_of_shard(files, shard)
+        if names is not None:
+            first = files.index(mine[0])
+            names = names[first : first + len(mine)]
+        files = mine
+    output_prefix = shard.prefix(args.output_prefix) if shard else args.output_prefix
+    per_input = [f"{args.output_prefix}_{name}" for name in names] if names is not None else None
+    keys = args.json_keys
+    datasets = [f"{p}_{key}_document" for p in (per_input if per_input is not None else [output_prefix]) for key in keys]
+    settings = {"json_keys": list(keys), "tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
+                "append_eod": args.append_eod, "output_per_input": args.output_per_input}
+    return RunPlan(files, shard, output_prefix, per_input, datasets, settings)
 
 
 def preprocess(args: argparse.Namespace) -> PreprocessSummary:
-    """Tokenize args.input into one indexed dataset per json key."""
+    """Tokenize args.input into one indexed dataset per json key (per input file with --output-per-input)."""
     start = time.perf_counter()
+    plan = plan_run(args)
+    summary = PreprocessSummary(files=len(plan.files), outputs=[], workers=args.workers, shard=plan.shard)
+    if plan.shard is not None:
+        manifest = manifest_path(plan.output_prefix)
+        reason = why_not_complete(manifest, plan.files, plan.settings, args.skip_bad_files)
+        if reason is None:
+            print(f"{plan.shard.tag}: already complete ({manifest}); skipping it", file=sys.stderr)
+            summary.already_complete, summary.outputs = True, plan.dataset_prefixes
+            return summary
+        if reason != "no manifest":
+            print(f"{plan.shard.tag}: redoing it: {reason}", file=sys.stderr)
+        # A rerun after a killed run: its temporaries may be as large as the output.
+        for path in stale_temporaries(plan.dataset_prefixes):
+            os.remove(path)
+            print(f"removed {path}, left by an interrupted run", file=sys.stderr)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
     encoder = ChunkEncoder(tokenizer, args.json_keys, args.append_eod, token_dtype_for_vocab(tokenizer.vocab_size))
-    outputs = {key: f"{args.output_prefix}_{key}_document" for key in args.json_keys}
-    summary = PreprocessSummary(input=args.input, outputs=outputs, workers=args.workers)
-    bad_lines = BadLineLog()
+    outputs = OutputDatasets(args.json_keys, encoder.dtype, args.allow_empty)
     with contextlib.ExitStack() as stack:
-        input_file = stack.enter_context(InputFile(args.input))
-        # Builders are entered before the pool so they exit after it: on any error the
-        # workers stop first, then each builder deletes its temporary files.
-        builders = [stack.enter_context(open_builder(prefix, encoder.dtype)) for prefix in outputs.values()]
+        # The outputs are entered before the pool so they exit after it: on any error the
+        # workers stop first, then the unpublished datasets delete their temporary files.
+        stack.callback(outputs.abort)
+        if plan.per_input_prefixes is None:
+            outputs.open(plan.output_prefix)
         pool = stack.enter_context(start_workers(args.workers, encoder))
         stack.enter_context(sigterm_raises_system_exit())
-        progress = ProgressReport(input_file, args.log_interval, summary, start)
+        progress = ProgressReport(plan.files, args.log_interval, summary, start)
         stack.callback(progress.close)
-        chunks = read_chunks(input_file, args.chunk_size, CHUNK_BYTES)
-        for encoded in ordered_map(pool, _encode_in_worker, chunks, max_in_flight=2 * args.workers + 2):
-            tokens, empty = write_chunk(builders, encoded)
-            bad_lines.extend(encoded.bad_lines)
-            summary.input_bytes += encoded.bytes
-            summary.documents += encoded.lines - len(encoded.bad_lines)
-            summary.tokens += tokens
-            summary.empty_documents += empty
-            progress.update()
-    summary.bad_lines, summary.first_bad_lines = bad_lines.count, bad_lines.first
+        writer = BatchWriter(plan.files, outputs, plan.per_input_prefixes, args.skip_bad_files, summary, progress)
+        batches = batch_records(plan.files, args.json_keys, args.chunk_size, CHUNK_BYTES)
+        for batch, encoded in ordered_map(pool, _encode_in_worker, batches, max_in_flight=2 * args.workers + 2):
+            writer.write(batch, encoded)
+        if plan.per_input_prefixes is None:
+            what = f"{len(plan.files):,} input file(s) ({summary.bad_lines:,} bad lines, {len(summary.skipped_files)} skipped files)"
+            outputs.publish(what)
+    summary.outputs = outputs.published
     summary.seconds = time.perf_counter() - start
-    if bad_lines.count:
-        print(bad_lines.report(args.input), file=sys.stderr)
+    report_problem_files(summary)
+    if plan.shard is not None:
+        write_manifest(manifest_path(plan.output_prefix), ShardManifest(
+            inputs=manifest_inputs(plan.files), settings=plan.settings, outputs=summary.outputs,
+            documents=summary.documents, tokens=summary.tokens, bad_lines=summary.bad_lines,
+            skipped_files=[[r.path, r.error] for r in summary.skipped_files]))
     return summary
 
 
+def report_problem_files(summary: PreprocessSummary) -> None:
+    """Print the bad lines of each file that had some (the first REPORTED_FILES in detail) and the files left out."""
+    with_bad_lines = [r for r in summary.problem_files if r.bad_lines.count]
+    for report in with_bad_lines[:REPORTED_FILES]:
+        print(report.bad_lines.report(report.path), file=sys.stderr)
+    if len(with_bad_lines) > REPORTED_FILES:
+        rest = with_bad_lines[REPORTED_FILES:]
+        print(f"... and {len(rest):,} more files with {sum(r.bad_lines.count for r in rest):,} bad lines", file=sys.stderr)
+    for report in summary.skipped_files:
+        print(f"left out: {report.error}", file=sys.stderr)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Command-line flags (Megatron's names)."""
+    """Command-line flags (Megatron's names, plus the corpus and shard flags)."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     group = parser.add_argument_group("input data")
-    group.add_argument(
-        "--input", required=True, help="jsonl file, plain or gzip-compressed (a pipe such as /dev/stdin works)"
-    )
-    group.add_argument(
-        "--json-keys", nargs="+", default=["text"], help="keys whose text is tokenized; one output per key"
-    )
+    group.add_argument("--input", required=True, nargs="+",
+                       help="files, directories and glob patterns (quote them) of .jsonl[.gz|.zst] or .parquet files; "
+                            "a pipe such as /dev/stdin works")
+    group.add_argument("--json-keys", nargs="+", default=["text"],
+                       help="keys (parquet: columns) whose text is tokenized; one output per key")
+    group.add_argument("--skip-bad-files", action="store_true",
+                       help="leave out, and report, files that cannot be read to the end instead of stopping")
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", default=TOKENIZER_TYPE, help=f"only {TOKENIZER_TYPE} is supported")
     group.add_argument("--tokenizer-model", help="SentencePiece .model file (tools/train_tokenizer.py writes one)")
@@ -317,17 +559,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx")
+    group.add_argument("--output-per-input", action="store_true",
+                       help="one dataset per input file: {prefix}_{path below the inputs' common directory}_{key}_document")
+    group.add_argument("--allow-empty", action="store_true", help="write datasets even when they hold no documents")
     group = parser.add_argument_group("runtime")
-    group.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: CPU count)"
-    )
-    group.add_argument(
-        "--chunk-size",
-        type=int,
-        default=1024,
-        help=f"lines per worker task (a task also ends at {CHUNK_BYTES // 1024} KiB)",
-    )
+    group.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                       help="tokenizing processes (default: the CPUs this process may use)")
+    group.add_argument("--chunk-size", type=int, default=1024,
+                       help=f"records per worker task (a task also ends at {CHUNK_BYTES // 1024} KiB)")
     group.add_argument("--log-interval", type=int, default=10000, help="log a progress line every this many documents")
+    group.add_argument("--num-shards", type=int, help="split the input files into this many shards "
+                       "(default: SLURM_ARRAY_TASK_COUNT in a SLURM array)")
+    group.add_argument("--shard-index", type=int, help="the shard this run processes, from 0 "
+                       "(default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN in a SLURM array)")
     args = parser.parse_args(argv)
     for flag in ("workers", "chunk_size", "log_interval"):
         if getattr(args, flag) < 1:
@@ -340,13 +584,19 @@ def main(argv: list[str] | None = None) -> PreprocessSummary:
     """Run preprocessing from command-line flags and print a summary."""
     args = parse_args(argv)
     summary = preprocess(args)
+    if summary.already_complete:
+        return summary
+    shard = f"{summary.shard.tag}: " if summary.shard else ""
     print(
-        f"{summary.documents:,} documents ({summary.empty_documents:,} empty), {summary.tokens:,} tokens, "
-        f"{summary.bad_lines:,} bad lines skipped, from {summary.input_bytes / 2**20:.1f} MiB of jsonl "
+        f"{shard}{summary.documents:,} documents ({summary.empty_documents:,} empty), {summary.tokens:,} tokens, "
+        f"{summary.bad_lines:,} bad lines skipped, {len(summary.skipped_files)} unreadable files left out, "
+        f"from {summary.input_bytes / 2**20:.1f} MiB in {summary.files:,} file(s) "
         f"in {summary.seconds:.2f}s ({summary.tokens_per_second:,.0f} tokens/s, {summary.workers} worker(s))"
     )
-    for key, prefix in summary.outputs.items():
-        print(f"  {key}: {data_file_path(prefix)} {index_file_path(prefix)}")
+    for prefix in summary.outputs[:10]:
+        print(f"  {data_file_path(prefix)} {index_file_path(prefix)}")
+    if len(summary.outputs) > 10:
+        print(f"  ... and {len(summary.outputs) - 10:,} more datasets")
     return summary
 
 
