@@ -59,14 +59,17 @@ def test_inputs_that_name_nothing_are_refused(tmp_path, pattern, message):
         find_corpus_files([str(tmp_path / pattern)])
 
 
-def test_zstd_of_several_frames_reads_every_line(tmp_path):
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_data_of_several_frames_reads_every_line(tmp_path, kind):
     data = b"".join(LINES)
-    compressor = zstandard.ZstdCompressor(level=3, write_checksum=True)
-    frames = compressor.compress(data[:1000]) + compressor.compress(data[1000:])  # as pzstd writes
-    path = touch(tmp_path / "x.jsonl.zst", frames)
+    compress = gzip.compress if kind == "gzip" else zstandard.ZstdCompressor(level=3, write_checksum=True).compress
+    frames = compress(data[:1000]) + compress(data[1000:])  # as `cat a.gz b.gz` or pzstd write them
+    if kind == "gzip":
+        frames += b"\0" * 100  # zero padding after the last member, which gzip readers accept
+    path = touch(tmp_path / "x.jsonl.z", frames)
     with InputFile(path) as lines:
         assert list(lines) == LINES
-        assert lines.compression == "zstd" and lines.position == len(frames)
+        assert lines.compression == kind and lines.position == len(frames)
 
 
 @pytest.mark.parametrize("compress", [gzip.compress, zstandard.ZstdCompressor().compress], ids=["gzip", "zstd"])

@@ -72,8 +72,31 @@ def test_merging_many_blocks_keeps_documents_in_order(tmp_path, monkeypatch):
 
 def test_stale_temporaries_are_those_of_other_processes(tmp_path):
     builder = IndexedDatasetBuilder(tmp_path / "out", np.uint16)  # this process's own, in progress
-    left = [tmp_path / f"out.bin.tmp-123", tmp_path / "out.sizes.tmp-123", tmp_path / "other.bin.tmp-9"]
+    left = [tmp_path / "out.bin.tmp-123", tmp_path / "out.sizes.tmp-123", tmp_path / "other.bin.tmp-9"]
     for path in left:
         path.write_bytes(b"x")
     assert stale_temporaries([tmp_path / "out", tmp_path / "absent_dir" / "x"]) == [str(left[0]), str(left[1])]
     builder.abort()
+
+
+def test_streamed_index_is_byte_identical_to_megatron_cores(tmp_path, monkeypatch):
+    megatron_indexed = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    monkeypatch.setattr(indexed_dataset, "_INDEX_BLOCK", 7)
+    halves = (DOCUMENTS[:130], DOCUMENTS[130:])
+    for name, documents in zip(("a", "b"), halves):
+        # As Megatron-LM's tools/preprocess_data.py: an empty document is one without sequences.
+        builder = megatron_indexed.IndexedDatasetBuilder(str(tmp_path / f"mc_{name}.bin"), dtype=np.uint16)
+        for doc in documents:
+            builder.add_document(doc.tolist(), [len(doc)] if len(doc) else [])
+        builder.finalize(str(tmp_path / f"mc_{name}.idx"))
+        with IndexedDatasetBuilder(tmp_path / f"ours_{name}", np.uint16) as ours:
+            ours.add_documents(np.concatenate(documents), np.array([len(d) for d in documents]))
+        assert files_of(tmp_path / f"ours_{name}") == files_of(tmp_path / f"mc_{name}")
+    merged = megatron_indexed.IndexedDatasetBuilder(str(tmp_path / "mc_ab.bin"), dtype=np.uint16)
+    for name in ("a", "b"):
+        merged.add_index(str(tmp_path / f"mc_{name}"))
+    merged.finalize(str(tmp_path / "mc_ab.idx"))
+    with IndexedDatasetBuilder(tmp_path / "ours_ab", np.uint16) as ours:
+        for name in ("a", "b"):
+            ours.add_index(tmp_path / f"ours_{name}")
+    assert files_of(tmp_path / "ours_ab") == files_of(tmp_path / "mc_ab")

@@ -16,12 +16,11 @@ into a failed segment so the caller decides whether the run stops or skips the f
 from __future__ import annotations
 
 import glob
-import gzip
 import io
 import os
 import zlib
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator, Sequence, Union
+from typing import BinaryIO, Callable, Iterator, Sequence, Union
 
 import zstandard
 
@@ -144,16 +143,19 @@ def per_input_names(files: Sequence[CorpusFile]) -> list[str]:
 # ------------------------------------------------------------------------------ readers
 
 
-class _ZstdFrames(io.RawIOBase):
-    """Decompressed bytes of zstd data of one or more frames; data that ends inside a frame raises EOFError.
+class _Frames(io.RawIOBase):
+    """Decompressed bytes of data made of compressed frames (zstd frames, gzip members), read in bounded steps.
 
-    zstandard's own stream readers stop quietly at the end of truncated data (and, by
-    default, after the first frame); a cut-off download must not pass for a short file.
+    Data that ends inside a frame raises EOFError: zstandard's own stream readers stop
+    quietly at the end of truncated data (and, by default, after the first frame), and a
+    cut-off download must not pass for a short file. Python's GzipFile checks this too,
+    but decompresses in Python-level steps about 3x slower than zlib here.
     """
 
-    def __init__(self, raw: BinaryIO):
+    def __init__(self, raw: BinaryIO, new_frame: Callable[[], object], kind: str):
         self._raw = raw
-        self._decompressor = zstandard.ZstdDecompressor()
+        self._new_frame = new_frame  # a fresh decompressobj, for the next frame
+        self._kind = kind
         self._frame = None  # decompressobj of the frame being read; None between frames
         self._input = b""  # compressed bytes read but not yet decompressed
         self._output = memoryview(b"")
@@ -167,10 +169,13 @@ class _ZstdFrames(io.RawIOBase):
                 self._input = self._raw.read(_READ_BYTES)
                 if not self._input:
                     if self._frame is not None:
-                        raise EOFError("the data ends inside a zstd frame")
+                        raise EOFError(f"the data ends inside a {self._kind} frame")
                     return 0
             if self._frame is None:
-                self._frame = self._decompressor.decompressobj()
+                if not self._input.strip(b"\0"):  # zero padding after the last frame, as gzip allows
+                    self._input = b""
+                    continue
+                self._frame = self._new_frame()
             self._output = memoryview(self._frame.decompress(self._input))
             self._input = b""
             if self._frame.eof:
@@ -179,6 +184,12 @@ class _ZstdFrames(io.RawIOBase):
         buffer[:n] = self._output[:n]
         self._output = self._output[n:]
         return n
+
+
+_DECOMPRESSORS = {
+    "gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),  # gzip header and trailer (CRC, size) checked
+    "zstd": lambda: zstandard.ZstdDecompressor().decompressobj(),
+}
 
 
 class InputFile:
@@ -199,10 +210,9 @@ class InputFile:
             raise UnreadableFile(f"cannot read input file {path}: {err.strerror}; check its permissions") from None
         magic = self._raw.peek(4)[:4]  # peek, not seek: pipes cannot seek
         self.compression = "gzip" if magic[:2] == _GZIP_MAGIC else "zstd" if magic == _ZSTD_MAGIC else None
-        if self.compression == "gzip":
-            self._reader: BinaryIO = gzip.GzipFile(fileobj=self._raw, mode="rb")
-        elif self.compression == "zstd":
-            self._reader = io.BufferedReader(_ZstdFrames(self._raw), buffer_size=1 << 20)
+        if self.compression:
+            frames = _Frames(self._raw, _DECOMPRESSORS[self.compression], self.compression)
+            self._reader: BinaryIO = io.BufferedReader(frames, buffer_size=1 << 20)
         else:
             self._reader = self._raw
 

@@ -19,7 +19,6 @@ document is one sequence, which is what the GPT dataset indexes.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import struct
 from pathlib import Path
