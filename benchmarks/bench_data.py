@@ -181,19 +181,28 @@ class PreprocessCorpus:
         self.jsonl.write_bytes(b"".join(lines))
         self.probe_jsonl = self.root / "probe.jsonl"
         self.probe_jsonl.write_bytes(b"".join(lines[:PROBE_DOCUMENTS]))
-        self._directories: dict[tuple, Path] = {}
+        self._directories: set[Path] = set()
         self.tokenizer = self.root / "tok.model"
         _quiet([sys.executable, ROOT / "tools" / "train_tokenizer.py", "--input", self.jsonl, "--output-prefix",
                 self.root / "tok", "--vocab-size", "8000", "--max-sentences", "200000"])
 
-    def directory(self, kind: str, copies: int = 1, probe: bool = False) -> Path:
-        """The documents split into `files` files of one kind (jsonl, zst, gz, parquet), `copies` times over."""
-        directory = self.root / f"{kind}_x{copies}{'_probe' if probe else ''}"
-        if (kind, copies, probe) in self._directories:
+    @functools.cached_property
+    def line_documents(self) -> list[bytes]:
+        """Every non-blank line of the texts as a document of its own: many short documents, as in chat or web data."""
+        texts = (json.loads(line)["text"] for line in self.lines)
+        return [json.dumps({"text": t, "source": "line"}).encode() + b"\n"
+                for text in texts for t in text.splitlines() if t.strip()]
+
+    def directory(self, kind: str, copies: int = 1, probe: bool = False, per_line: bool = False) -> Path:
+        """The documents (or, per_line, the line documents) split into `files` files of one kind (jsonl, zst, gz,
+        parquet), `copies` times over."""
+        directory = self.root / f"{kind}{'_lines' if per_line else ''}_x{copies}{'_probe' if probe else ''}"
+        if directory in self._directories:
             return directory
-        self._directories[(kind, copies, probe)] = directory
+        self._directories.add(directory)
         directory.mkdir()
-        lines = self.lines[:PROBE_DOCUMENTS] if probe else self.lines
+        lines = self.line_documents if per_line else self.lines
+        lines = lines[:PROBE_DOCUMENTS] if probe else lines
         parts = 1 if probe else self.files
         bounds = np.linspace(0, len(lines), parts + 1).astype(int)
         for copy in range(copies):
@@ -405,24 +414,28 @@ def memory_samples(command: list) -> list[tuple[float, int]]:
 
 
 def bench_preprocess_memory(args: argparse.Namespace) -> Table:
-    """Peak memory of tools/preprocess_data.py (main process and workers) on the corpus and on --memory-factor times it."""
+    """Peak memory of tools/preprocess_data.py (main process and workers) on inputs of 1 and --memory-factor times the
+    corpus: its documents (a few thousand, long), and its lines as documents (hundreds of thousands, short)."""
     corpus = preprocess_corpus(args.corpus_bytes, args.corpus_files, args.seed)
     out = corpus.root / "out_memory"
-    rows, notes = [], []
-    for copies in (1, args.memory_factor):
-        directory = corpus.directory("zst", copies=copies)
-        samples = memory_samples(preprocess_command(corpus, directory, out / f"x{copies}", 2))
-        seconds, peak = samples[-1][0], max(pss for _, pss in samples)
-        dataset = IndexedDataset(out / f"x{copies}_text_document")
-        files = len(list(directory.iterdir()))
-        rows.append((f"{copies}x input: {files:,} .jsonl.zst files, {dataset.num_documents:,} documents",
-                     "peak PSS, tool + 2 workers", float(peak)))
-        early = max(pss for t, pss in samples if t <= seconds / copies)
-        notes.append(f"{copies}x: {dataset.num_tokens:,} tokens in {seconds:.1f} s; peak in its first "
-                     f"1/{copies} of the time {early / 2**20:.1f} MiB, in its last tenth "
-                     f"{max(pss for t, pss in samples if t >= seconds * 0.9) / 2**20:.1f} MiB")
+    rows, notes = [], [f"load average {_load()} at the start"]
+    for per_line in (True, False):
+        for copies in (1, args.memory_factor):
+            directory = corpus.directory("zst", copies=copies, per_line=per_line)
+            prefix = out / f"{'lines' if per_line else 'docs'}_x{copies}"
+            samples = memory_samples(preprocess_command(corpus, directory, prefix, 2))
+            seconds, peak = samples[-1][0], max(pss for _, pss in samples)
+            dataset = IndexedDataset(f"{prefix}_text_document")
+            files = len(list(directory.iterdir()))
+            kind = "line documents" if per_line else "documents"
+            rows.append((f"{copies}x input: {files:,} .jsonl.zst files, {dataset.num_documents:,} {kind}",
+                         "peak PSS, tool + 2 workers", float(peak)))
+            # Flat fifths mean a bound reached early (workers' heaps settle after the longest documents), not growth.
+            fifths = [max([pss for t, pss in samples if k / 5 <= t / seconds < (k + 1) / 5] or [0]) for k in range(5)]
+            notes.append(f"{copies}x {kind}: {dataset.num_tokens:,} tokens in {seconds:.1f} s; peak in each fifth of "
+                         f"the run: {', '.join(f'{p / 2**20:.1f}' for p in fifths)} MiB")
     return Table(title="preprocess_data.py peak memory against input size", rows=rows, notes=notes,
-                 ratio_label="peak / 1x peak", unit="MiB", scale=1 / 2**20, ratio_digits=2)
+                 ratio_label="peak / first row's", unit="MiB", scale=1 / 2**20, ratio_digits=2)
 
 
 def bench_preprocess_megatron(args: argparse.Namespace) -> Table:

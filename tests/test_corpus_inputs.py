@@ -31,7 +31,8 @@ def touch(path, data=b"{}\n"):
 
 
 def test_directories_globs_and_files_give_one_sorted_list(tmp_path):
-    names = ["b/2.jsonl.zst", "b/10.parquet", "a.jsonl", "c/deep/x.json.gz", "b/notes.txt", ".hidden/y.jsonl", "b/.z.jsonl"]
+    names = ["b/2.jsonl.zst", "b/10.parquet", "a.jsonl", "c/deep/x.json.gz", "b/notes.txt", ".hidden/y.jsonl", "b/.z.jsonl",
+             "b/dataset_info.json"]
     for name in names:
         touch(tmp_path / name)
     odd = touch(tmp_path / "odd_name.data")
@@ -41,7 +42,9 @@ def test_directories_globs_and_files_give_one_sorted_list(tmp_path):
     assert rel == ["a.jsonl", "b/10.parquet", "b/2.jsonl.zst", "c/deep/x.json.gz", "odd_name.data"]
     assert all(f.size == 3 for f in found)
     everything = [f.path[len(str(tmp_path)) + 1 :] for f in find_corpus_files([str(tmp_path)])]
-    assert everything == ["a.jsonl", "b/10.parquet", "b/2.jsonl.zst", "c/deep/x.json.gz"]  # no hidden, no .txt
+    assert everything == ["a.jsonl", "b/10.parquet", "b/2.jsonl.zst", "c/deep/x.json.gz"]  # no hidden, .txt, bare .json
+    assert [f.path for f in find_corpus_files([str(tmp_path / "b" / "dataset_info.json")])] == [
+        str(tmp_path / "b" / "dataset_info.json")]  # named explicitly: read
 
 
 @pytest.mark.parametrize(

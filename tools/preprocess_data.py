@@ -256,6 +256,8 @@ def preprocess(args: argparse.Namespace) -> PreprocessSummary:
         batches = batch_records(plan.files, args.json_keys, args.chunk_size, CHUNK_BYTES)
         for batch, encoded in ordered_map(pool, _encode_in_worker, batches, max_in_flight=2 * args.workers + 2):
             writer.write(batch, encoded)
+        pool.close()  # the workers exit before the index is written: their memory and its buffers never add up
+        pool.join()
         summary.print_problem_files()  # before publishing: an empty output's error follows the bad lines that explain it
         if plan.per_input_prefixes is None:
             what = f"{len(plan.files):,} input file(s) ({summary.bad_lines:,} bad lines, {len(summary.skipped_files)} skipped files)"

@@ -29,6 +29,10 @@ from megagrow.errors import UserError
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
 CORPUS_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
+# What directories and globs pick up. Not a bare `.json`: beside corpus files lie JSON that
+# is not jsonl (dataset_info.json in a Hugging Face snapshot, this tool's own shard
+# manifests); a .json file named explicitly is still read.
+FOUND_SUFFIXES = tuple(suffix for suffix in CORPUS_SUFFIXES if suffix != ".json")
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _READ_BYTES = 1 << 18  # compressed bytes fed to zstd at a time; output stays within a few MB
@@ -78,15 +82,15 @@ def find_corpus_files(patterns: Sequence[str | os.PathLike]) -> list[CorpusFile]
     """The files named by `--input` values, deduplicated and sorted by path.
 
     A file is taken whatever its name (its format is read from its content). A
-    directory contributes every file under it, recursively, whose name ends in a
-    corpus suffix (hidden files and directories excluded); so does a glob pattern.
+    directory contributes every file under it, recursively, whose name ends in one of
+    FOUND_SUFFIXES (hidden files and directories excluded); so does a glob pattern.
     """
     paths: set[str] = set()
     for pattern in map(str, patterns):
         if os.path.isdir(pattern):
             found = _corpus_files_under(pattern)
             if not found:
-                raise UserError(f"--input {pattern}: no {'/'.join(CORPUS_SUFFIXES)} files in this directory")
+                raise UserError(f"--input {pattern}: no {'/'.join(FOUND_SUFFIXES)} files in this directory")
         elif os.path.exists(pattern):
             found = [pattern]
         elif glob.has_magic(pattern):
@@ -94,10 +98,10 @@ def find_corpus_files(patterns: Sequence[str | os.PathLike]) -> list[CorpusFile]
             for match in sorted(glob.glob(pattern, recursive=True)):
                 if os.path.isdir(match):
                     found += _corpus_files_under(match)
-                elif match.endswith(CORPUS_SUFFIXES):
+                elif match.endswith(FOUND_SUFFIXES):
                     found.append(match)
             if not found:
-                raise UserError(f"--input {pattern}: the pattern matches no {'/'.join(CORPUS_SUFFIXES)} files")
+                raise UserError(f"--input {pattern}: the pattern matches no {'/'.join(FOUND_SUFFIXES)} files")
         else:
             raise UserError(f"input file not found: {pattern}; check the path")
         paths.update(os.path.normpath(p) for p in found)
@@ -116,7 +120,7 @@ def _corpus_files_under(directory: str) -> list[str]:
     found = []
     for root, dirs, names in os.walk(directory):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.join(root, n) for n in sorted(names) if n.endswith(CORPUS_SUFFIXES) and not n.startswith(".")]
+        found += [os.path.join(root, n) for n in sorted(names) if n.endswith(FOUND_SUFFIXES) and not n.startswith(".")]
     return found
 
 

@@ -193,7 +193,7 @@ def _check_against_bin(idx_path, bin_path, bin_bytes, dtype, sizes, pointers) ->
 # Index entries stream through temporary files in blocks of this many, so writing a dataset
 # of any number of documents (a merge of thousands of shards included) holds one block in
 # memory, never a Python list with an entry per document.
-_INDEX_BLOCK = 1 << 18
+_INDEX_BLOCK = 1 << 16
 
 
 def write_index(idx_path: str, dtype, sizes: Sequence[int], document_indices: Sequence[int]) -> None:
@@ -212,17 +212,19 @@ def _write_index(f: BinaryIO, dtype, sequence_count: int, document_count: int,
         raise ValueError(f"dtype {dtype} has no Megatron dtype code")
     f.write(_HEADER.pack(MAGIC, VERSION, _CODE_OF_DTYPE[dtype], sequence_count, document_count))
     for block in size_blocks():
-        f.write(np.ascontiguousarray(block, dtype=np.int32).tobytes())
+        f.write(np.ascontiguousarray(block, dtype=np.int32))
     offset = 0  # byte offset in .bin of the next block's first sequence
     for block in size_blocks():
-        ends = np.cumsum(block, dtype=np.int64) * dtype.itemsize + offset
         pointers = np.empty(len(block), dtype=np.int64)
-        pointers[:1] = offset
-        pointers[1:] = ends[:-1]
-        f.write(pointers.tobytes())
-        offset = int(ends[-1]) if len(block) else offset
+        pointers[0:1] = offset
+        np.cumsum(block[:-1], dtype=np.int64, out=pointers[1:])
+        pointers[1:] *= dtype.itemsize
+        pointers[1:] += offset
+        f.write(pointers)
+        if len(block):
+            offset = int(pointers[-1]) + int(block[-1]) * dtype.itemsize
     for block in document_index_blocks:
-        f.write(np.ascontiguousarray(block, dtype=np.int64).tobytes())
+        f.write(np.ascontiguousarray(block, dtype=np.int64))
     f.flush()
     os.fsync(f.fileno())
 
