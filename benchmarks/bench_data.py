@@ -249,6 +249,7 @@ class Timing:
     probe: float
     tokens: int
     probe_tokens: int
+    repeats: list[float]  # start-up-excluded seconds of each repeat (its whole run minus its probe run)
 
     @property
     def startup_excluded(self) -> float:
@@ -266,12 +267,14 @@ def time_commands(commands: dict[str, tuple[list, list, Path, Path, dict | None]
     so that a change of machine load hits every command alike."""
     full = {name: math.inf for name in commands}
     probe = dict(full)
+    each: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(repeats):
         for name, (full_command, probe_command, _, _, env) in commands.items():
-            full[name] = min(full[name], _quiet(full_command, env))
-            probe[name] = min(probe[name], _quiet(probe_command, env))
+            full_seconds, probe_seconds = _quiet(full_command, env), _quiet(probe_command, env)
+            full[name], probe[name] = min(full[name], full_seconds), min(probe[name], probe_seconds)
+            each[name].append(full_seconds - probe_seconds)
     return {name: Timing(full[name], probe[name], IndexedDataset(f"{prefix}_text_document").num_tokens,
-                         IndexedDataset(f"{probe_prefix}_text_document").num_tokens)
+                         IndexedDataset(f"{probe_prefix}_text_document").num_tokens, each[name])
             for name, (_, _, prefix, probe_prefix, _) in commands.items()}
 
 
@@ -290,6 +293,10 @@ def throughput_table(title: str, timings: dict[str, Timing], ratio_label: str, n
     whole = [f"{name}: whole command {t.full:.2f} s ({t.tokens / t.full:,.0f} tokens/s; "
              f"{t.full / first.full:.2f}x the first's time), probe run (start-up) {t.probe:.2f} s"
              for name, t in timings.items()]
+    for name, t in list(timings.items())[1:]:  # repeats run back to back share the machine's load of the moment
+        ratios = [other / mine for other, mine in zip(t.repeats, first.repeats)]
+        whole.append(f"{name}: start-up-excluded time / the first's, repeat by repeat: "
+                     f"{', '.join(f'{r:.2f}' for r in ratios)} (median {np.median(ratios):.2f})")
     return Table(
         title=f"{title} (start-up excluded)",
         rows=[(f"{name} ({t.tokens_per_second:,.0f} tokens/s)", "start-up excluded", t.startup_excluded)
@@ -443,7 +450,13 @@ def bench_preprocess_megatron(args: argparse.Namespace) -> Table:
     corpus = preprocess_corpus(args.corpus_bytes, args.corpus_files, args.seed)
     load = _load()
     out = corpus.root / "out_megatron"
-    commands = {"megagrow": (preprocess_command(corpus, corpus.jsonl, out / "megagrow", 2),
+    # The corpus --megatron-factor times over: Megatron-LM's start-up (~6 s of imports, varying by a second
+    # or more on a shared machine) must be small against the tokenizing it is subtracted from.
+    jsonl = corpus.root / f"all_x{args.megatron_factor}.jsonl"
+    with open(jsonl, "wb") as f:
+        for _ in range(args.megatron_factor):
+            f.write(corpus.jsonl.read_bytes())
+    commands = {"megagrow": (preprocess_command(corpus, jsonl, out / "megagrow", 2),
                              preprocess_command(corpus, corpus.probe_jsonl, out / "megagrow_probe", 2),
                              out / "megagrow", out / "megagrow_probe", None)}
     if args.megatron_lm:
@@ -454,7 +467,7 @@ def bench_preprocess_megatron(args: argparse.Namespace) -> Table:
             return [sys.executable, tool, "--input", inputs, "--output-prefix", prefix, "--tokenizer-type",
                     "SentencePieceTokenizer", "--tokenizer-model", corpus.tokenizer, "--append-eod", "--workers", 2]
 
-        commands["Megatron-LM"] = (megatron(corpus.jsonl, out / "megatron"), megatron(corpus.probe_jsonl, out / "megatron_probe"),
+        commands["Megatron-LM"] = (megatron(jsonl, out / "megatron"), megatron(corpus.probe_jsonl, out / "megatron_probe"),
                                    out / "megatron", out / "megatron_probe", env)
     timings = time_commands(commands, args.repeats)
     notes = []
@@ -464,7 +477,7 @@ def bench_preprocess_megatron(args: argparse.Namespace) -> Table:
     else:
         notes.append("Megatron-LM not measured: pass --megatron-lm DIR")
     notes.append(f"load average {load} at the start, {_load()} at the end")
-    return throughput_table(f"preprocess_data.py vs Megatron-LM's: one {corpus.jsonl.stat().st_size / 1e6:.0f} MB "
+    return throughput_table(f"preprocess_data.py vs Megatron-LM's: one {jsonl.stat().st_size / 1e6:.0f} MB "
                             f"jsonl, {timings['megagrow'].tokens:,} tokens, 2 workers each", timings,
                             "time / megagrow's", notes=notes)
 
@@ -493,6 +506,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus-bytes", type=int, default=20_000_000, help="text for the preprocessing sections")
     parser.add_argument("--corpus-files", type=int, default=240, help="files the preprocessing corpus is split into")
     parser.add_argument("--memory-factor", type=int, default=10, help="preprocess_memory: input this many times larger")
+    parser.add_argument("--megatron-factor", type=int, default=10,
+                        help="preprocess_megatron: the jsonl holds the corpus this many times over")
     parser.add_argument("--megatron-lm", type=Path,
                         help="preprocess_megatron: a Megatron-LM tree holding tools/preprocess_data.py, importable "
                              "with PYTHONPATH set to it (see benchmarks/RESULTS.md for the one measured)")
