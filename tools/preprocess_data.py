@@ -7,8 +7,10 @@ output, so the outputs of several keys stay aligned record by record.
     python tools/preprocess_data.py --input data/corpus/code.jsonl --output-prefix data/code \\
         --tokenizer-type SentencePieceTokenizer --tokenizer-model data/tokenizer.model \\
         --append-eod --workers 2
-    python tools/preprocess_data.py --input 'SlimPajama/train/chunk*/*.jsonl.zst' starcoder/python/ \\
-        --json-keys text --output-prefix data/mix --tokenizer-model data/tokenizer.model --append-eod
+    python tools/preprocess_data.py --input 'SlimPajama/train/chunk*/*.jsonl.zst' --output-prefix data/slim \\
+        --tokenizer-model data/tokenizer.model --append-eod
+    python tools/preprocess_data.py --input starcoderdata/python starcoderdata/rust --json-keys content \\
+        --output-prefix data/code --tokenizer-model data/tokenizer.model --append-eod
 
 --input takes files, directories (every corpus file below them) and glob patterns, as
 many as needed; documents are taken in sorted path order, then line (or row) order, so
