@@ -200,20 +200,19 @@ class OutputDatasets:
         self.builders = []
 
 
+@dataclass
 class BatchWriter:
     """Writes encoded batches in input order: routes each file's documents, counts them, and handles unreadable files."""
 
-    def __init__(self, files: Sequence[CorpusFile], outputs: OutputDatasets, per_input_prefixes: Sequence[str] | None,
-                 skip_bad_files: bool, summary: PreprocessSummary, progress: ProgressReport):
-        self.files = files
-        self.outputs = outputs
-        self.per_input_prefixes = per_input_prefixes
-        self.skip_bad_files = skip_bad_files
-        self.summary = summary
-        self.progress = progress
-        self.report: FileReport | None = None  # of the file being written
-        self.file_start = None  # outputs' mark where that file's documents begin
-        self.files_with_bad_lines = 0
+    files: Sequence[CorpusFile]
+    outputs: OutputDatasets
+    per_input_prefixes: Sequence[str] | None  # one output prefix per file, or None for one output for all
+    skip_bad_files: bool
+    summary: PreprocessSummary
+    progress: ProgressReport
+    report: FileReport | None = field(default=None, init=False)  # of the file being written
+    file_start: tuple | None = field(default=None, init=False)  # outputs' mark where that file's documents begin
+    files_with_bad_lines: int = field(default=0, init=False)
 
     def write(self, batch: RecordBatch, encoded: EncodedChunk | None) -> None:
         """Write one batch's documents, segment by segment."""
