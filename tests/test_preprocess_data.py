@@ -53,7 +53,7 @@ def mixed_jsonl(small_corpus, tmp_path_factory):
 def test_documents_round_trip_with_eod(tmp_path, mixed_jsonl, tiny_tokenizer_model):
     path, texts, _ = mixed_jsonl
     summary = preprocess(path, tmp_path / "out", tiny_tokenizer_model, "--append-eod", "--workers", 1)
-    dataset = IndexedDataset(summary.outputs["text"])
+    dataset = IndexedDataset(summary.outputs[0])
     tokenizer = SentencePieceTokenizer(tiny_tokenizer_model)
     assert dataset.dtype == np.uint16
     assert dataset.num_documents == summary.documents == len(texts)
@@ -72,8 +72,10 @@ def test_bad_lines_are_counted_with_line_numbers(tmp_path, mixed_jsonl, tiny_tok
     path, _, bad_line_numbers = mixed_jsonl
     summary = preprocess(path, tmp_path / "out", tiny_tokenizer_model, "--workers", 2, "--chunk-size", 4)
     assert summary.bad_lines == len(bad_line_numbers)
-    assert [number for number, _ in summary.first_bad_lines] == bad_line_numbers
-    reasons = dict(summary.first_bad_lines)
+    [report] = summary.problem_files
+    assert report.path == str(path) and report.error is None
+    assert [number for number, _ in report.bad_lines.first] == bad_line_numbers
+    reasons = dict(report.bad_lines.first)
     assert reasons[3].startswith("invalid JSON") and reasons[7] == "not a JSON object (got list)"
     assert reasons[11] == "missing key 'text'" and reasons[12] == "value of 'text' is not a string (got int)"
     assert reasons[20] == "blank line" and "lone surrogate" in reasons[25]
@@ -111,7 +113,7 @@ def test_one_output_per_json_key_aligned_by_line(tmp_path, tiny_tokenizer_model)
     path = tmp_path / "keys.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     summary = preprocess(path, tmp_path / "out", tiny_tokenizer_model, "--json-keys", "title", "body", "--workers", 1)
-    assert summary.bad_lines == 1 and summary.first_bad_lines[0][0] == 3
+    assert summary.bad_lines == 1 and summary.problem_files[0].bad_lines.first[0][0] == 3
     tokenizer = SentencePieceTokenizer(tiny_tokenizer_model)
     for key in ("title", "body"):
         dataset = IndexedDataset(tmp_path / f"out_{key}_document")
@@ -191,15 +193,15 @@ def test_truncated_gzip_is_one_line_and_writes_nothing(tmp_path, mixed_jsonl, ti
 def test_failure_midway_leaves_no_output_and_no_temporaries(tmp_path, mixed_jsonl, tiny_tokenizer_model, monkeypatch):
     path, _, _ = mixed_jsonl
     calls = []
-    original = IndexedDatasetBuilder.add_item
+    original = IndexedDatasetBuilder.add_documents
 
-    def failing_add_item(self, tokens):
+    def failing_add_documents(self, tokens, lengths):
         calls.append(1)
         if len(calls) == 5:
             raise OSError("disk full")
-        original(self, tokens)
+        original(self, tokens, lengths)
 
-    monkeypatch.setattr(IndexedDatasetBuilder, "add_item", failing_add_item)
+    monkeypatch.setattr(IndexedDatasetBuilder, "add_documents", failing_add_documents)
     with pytest.raises(OSError, match="disk full"):
         preprocess(path, tmp_path / "out", tiny_tokenizer_model, "--workers", 2, "--chunk-size", 2)
     assert files_under(tmp_path) == []

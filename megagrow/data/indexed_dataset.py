@@ -18,10 +18,11 @@ document is one sequence, which is what the GPT dataset indexes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -189,24 +190,104 @@ def _check_against_bin(idx_path, bin_path, bin_bytes, dtype, sizes, pointers) ->
         )
 
 
+# Index entries stream through temporary files in blocks of this many, so writing a dataset
+# of any number of documents (a merge of thousands of shards included) holds one block in
+# memory, never a Python list with an entry per document.
+_INDEX_BLOCK = 1 << 16
+
+
 def write_index(idx_path: str, dtype, sizes: Sequence[int], document_indices: Sequence[int]) -> None:
     """Write an `.idx` file for sequences stored back to back (pointers follow from sizes)."""
+    sizes = np.asarray(sizes, dtype=np.int32)
+    document_indices = np.asarray(document_indices, dtype=np.int64)
+    with open(idx_path, "wb") as f:
+        _write_index(f, dtype, len(sizes), len(document_indices), lambda: [sizes], [document_indices])
+
+
+def _write_index(f: BinaryIO, dtype, sequence_count: int, document_count: int,
+                 size_blocks: Callable[[], Iterable[np.ndarray]], document_index_blocks: Iterable[np.ndarray]) -> None:
+    """Write a whole `.idx` to `f`; `size_blocks()` is called twice (sizes, then the pointers computed from them)."""
     dtype = np.dtype(dtype)
     if dtype not in _CODE_OF_DTYPE:
         raise ValueError(f"dtype {dtype} has no Megatron dtype code")
-    sizes = np.asarray(sizes, dtype=np.int32)
-    document_indices = np.asarray(document_indices, dtype=np.int64)
-    pointers = np.zeros(len(sizes), dtype=np.int64)
-    if len(sizes) > 1:
-        np.cumsum(sizes[:-1], dtype=np.int64, out=pointers[1:])
-    pointers *= dtype.itemsize
-    with open(idx_path, "wb") as f:
-        f.write(_HEADER.pack(MAGIC, VERSION, _CODE_OF_DTYPE[dtype], len(sizes), len(document_indices)))
-        f.write(sizes.tobytes(order="C"))
-        f.write(pointers.tobytes(order="C"))
-        f.write(document_indices.tobytes(order="C"))
-        f.flush()
-        os.fsync(f.fileno())
+    f.write(_HEADER.pack(MAGIC, VERSION, _CODE_OF_DTYPE[dtype], sequence_count, document_count))
+    for block in size_blocks():
+        f.write(np.ascontiguousarray(block, dtype=np.int32))
+    offset = 0  # byte offset in .bin of the next block's first sequence
+    for block in size_blocks():
+        pointers = np.empty(len(block), dtype=np.int64)
+        pointers[0:1] = offset
+        np.cumsum(block[:-1], dtype=np.int64, out=pointers[1:])
+        pointers[1:] *= dtype.itemsize
+        pointers[1:] += offset
+        f.write(pointers)
+        if len(block):
+            offset = int(pointers[-1]) + int(block[-1]) * dtype.itemsize
+    for block in document_index_blocks:
+        f.write(np.ascontiguousarray(block, dtype=np.int64))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+class _ArrayFile:
+    """An append-only array of one dtype in a temporary file, with a short tail kept in memory."""
+
+    def __init__(self, path: str, dtype):
+        self.path = path
+        self.dtype = np.dtype(dtype)
+        self._file = open(path, "w+b")
+        self._written = 0
+        self._tail: list[int] = []
+
+    def __len__(self) -> int:
+        return self._written + len(self._tail)
+
+    def append(self, value: int) -> None:
+        """Append one entry."""
+        self._tail.append(value)
+        if len(self._tail) >= _INDEX_BLOCK:
+            self._flush_tail()
+
+    def extend(self, values: np.ndarray) -> None:
+        """Append many entries."""
+        self._flush_tail()
+        self._file.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+        self._written += len(values)
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first `length` entries."""
+        self._flush_tail()
+        self._file.truncate(length * self.dtype.itemsize)
+        self._file.seek(0, os.SEEK_END)
+        self._written = length
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """All entries, in blocks of at most _INDEX_BLOCK."""
+        self._flush_tail()
+        self._file.seek(0)
+        while data := self._file.read(_INDEX_BLOCK * self.dtype.itemsize):
+            yield np.frombuffer(data, dtype=self.dtype)
+
+    def remove(self) -> None:
+        """Close and delete the file."""
+        self._file.close()
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+    def _flush_tail(self) -> None:
+        if self._tail:
+            self._file.write(np.array(self._tail, dtype=self.dtype).tobytes())
+            self._written += len(self._tail)
+            self._tail = []
+
+
+@dataclasses.dataclass(frozen=True)
+class BuilderMark:
+    """A point in a build that `IndexedDatasetBuilder.rollback` can return to."""
+
+    data_bytes: int
+    sequences: int
+    document_indices: int
 
 
 class IndexedDatasetBuilder:
@@ -214,6 +295,8 @@ class IndexedDatasetBuilder:
 
     Until `finalize` runs nothing exists under the final names, so an interrupted
     build never leaves a valid-looking half dataset (`abort` removes the temporaries).
+    Sizes and document indices go to temporary files too: memory stays flat however
+    many documents are written.
     """
 
     def __init__(self, prefix: str | os.PathLike, dtype=np.uint16):
@@ -222,12 +305,12 @@ class IndexedDatasetBuilder:
         if self.dtype not in _CODE_OF_DTYPE:
             raise ValueError(f"dtype {self.dtype} has no Megatron dtype code")
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
-        suffix = f".tmp-{os.getpid()}"
-        self._bin_tmp = data_file_path(self.prefix) + suffix
-        self._idx_tmp = index_file_path(self.prefix) + suffix
+        self._bin_tmp, self._idx_tmp, sizes_tmp, documents_tmp = temporary_paths(self.prefix, os.getpid())
         self._bin = open(self._bin_tmp, "wb")
-        self._sizes: list[int] = []
-        self._document_indices: list[int] = [0]
+        self._sizes = _ArrayFile(sizes_tmp, np.int32)
+        self._document_indices = _ArrayFile(documents_tmp, np.int64)
+        self._document_indices.append(0)
+        self._last_document_end = 0  # sequence count at the last end_document
 
     def add_item(self, tokens: Iterable[int] | np.ndarray) -> None:
         """Append one sequence."""
@@ -237,7 +320,8 @@ class IndexedDatasetBuilder:
 
     def end_document(self) -> None:
         """Mark the sequences added since the last call as one document."""
-        self._document_indices.append(len(self._sizes))
+        self._last_document_end = len(self._sizes)
+        self._document_indices.append(self._last_document_end)
 
     def add_document(self, tokens: Iterable[int] | np.ndarray, lengths: Sequence[int] | None = None) -> None:
         """Append a document: one sequence, or several split by `lengths`."""
@@ -248,8 +332,22 @@ class IndexedDatasetBuilder:
             if sum(lengths) != array.size:
                 raise ValueError("sequence lengths do not add up to the document length")
             self._bin.write(array.tobytes(order="C"))
-            self._sizes.extend(int(n) for n in lengths)
+            self._sizes.extend(np.asarray(lengths, dtype=np.int32))
         self.end_document()
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents stored back to back in `tokens`, one sequence each; a length of 0 is a document without sequences."""
+        tokens = np.asarray(tokens, dtype=self.dtype)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != tokens.size:
+            raise ValueError("document lengths do not add up to the tokens given")
+        self._bin.write(tokens.tobytes(order="C"))
+        nonempty = lengths > 0
+        ends = len(self._sizes) + np.cumsum(nonempty, dtype=np.int64)
+        self._sizes.extend(lengths[nonempty])
+        self._document_indices.extend(ends)
+        if len(ends):
+            self._last_document_end = int(ends[-1])
 
     def add_index(self, prefix: str | os.PathLike) -> None:
         """Append every document of another dataset with the same dtype (used to merge shards)."""
@@ -257,20 +355,39 @@ class IndexedDatasetBuilder:
         if other.dtype != self.dtype:
             raise UserError(f"{prefix}: dtype {other.dtype} differs from {self.dtype}; datasets to merge must share a tokenizer")
         base = len(self._sizes)
-        self._sizes.extend(other.sizes.tolist())
-        self._document_indices.extend((other.document_indices[1:] + base).tolist())
+        for start in range(0, len(other.sizes), _INDEX_BLOCK):
+            self._sizes.extend(other.sizes[start : start + _INDEX_BLOCK])
+        for start in range(1, len(other.document_indices), _INDEX_BLOCK):
+            self._document_indices.extend(other.document_indices[start : start + _INDEX_BLOCK] + base)
+        self._last_document_end = len(self._sizes)
         with open(data_file_path(prefix), "rb") as src:
             while chunk := src.read(1 << 24):
                 self._bin.write(chunk)
 
+    def mark(self) -> BuilderMark:
+        """The current end of the build, to `rollback` to if what follows must be dropped."""
+        return BuilderMark(self._bin.tell(), len(self._sizes), len(self._document_indices))
+
+    def rollback(self, mark: BuilderMark) -> None:
+        """Drop every sequence and document added after `mark`."""
+        self._bin.truncate(mark.data_bytes)
+        self._bin.seek(mark.data_bytes)
+        self._sizes.truncate(mark.sequences)
+        self._document_indices.truncate(mark.document_indices)
+        self._last_document_end = mark.sequences
+
     def finalize(self) -> None:
         """Flush, write the index and rename both files into place (.bin first, .idx last)."""
-        if self._document_indices[-1] != len(self._sizes):
+        if self._last_document_end != len(self._sizes):
             self.end_document()  # sequences added without end_document form a last document
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
-        write_index(self._idx_tmp, self.dtype, self._sizes, self._document_indices)
+        with open(self._idx_tmp, "wb") as f:
+            _write_index(f, self.dtype, len(self._sizes), len(self._document_indices),
+                         self._sizes.blocks, self._document_indices.blocks())
+        self._sizes.remove()
+        self._document_indices.remove()
         os.replace(self._bin_tmp, data_file_path(self.prefix))
         os.replace(self._idx_tmp, index_file_path(self.prefix))
 
@@ -278,6 +395,8 @@ class IndexedDatasetBuilder:
         """Drop the temporary files; nothing is published."""
         if not self._bin.closed:
             self._bin.close()
+        self._sizes.remove()
+        self._document_indices.remove()
         for path in (self._bin_tmp, self._idx_tmp):
             if os.path.exists(path):
                 os.remove(path)
@@ -290,6 +409,37 @@ class IndexedDatasetBuilder:
             self.finalize()
         else:
             self.abort()
+
+
+def temporary_paths(prefix: str | os.PathLike, pid: int | str) -> tuple[str, str, str, str]:
+    """Where a builder in process `pid` writes `prefix`'s .bin, .idx, sizes and document indices before publishing."""
+    suffix = f".tmp-{pid}"
+    return (data_file_path(prefix) + suffix, index_file_path(prefix) + suffix,
+            f"{prefix}.sizes{suffix}", f"{prefix}.docs{suffix}")
+
+
+def stale_temporaries(prefixes: Iterable[str | os.PathLike]) -> list[str]:
+    """Temporary files that other processes (a killed build) left for any of these dataset prefixes.
+
+    Each directory is listed once, so this stays quick for the thousands of prefixes
+    of a run with an output per input file.
+    """
+    wanted: dict[str, set[str]] = {}
+    for prefix in prefixes:
+        directory, base = os.path.split(os.path.abspath(prefix))
+        wanted.setdefault(directory, set()).update(
+            os.path.basename(path).removesuffix(".tmp-0") for path in temporary_paths(base, 0)
+        )
+    own = str(os.getpid())
+    stale = []
+    for directory, names in sorted(wanted.items()):
+        if not os.path.isdir(directory):
+            continue
+        for name in sorted(os.listdir(directory)):
+            head, marker, pid = name.rpartition(".tmp-")
+            if marker and head in names and pid.isdigit() and pid != own:
+                stale.append(os.path.join(directory, name))
+    return stale
 
 
 def open_builder(prefix: str | os.PathLike, dtype, flag: str = "--output-prefix") -> IndexedDatasetBuilder:
