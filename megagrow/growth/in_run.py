@@ -2,17 +2,20 @@
 
     base phase    the flags' model trains until D tokens (rounded up to whole iterations) and
                   saves to --save, with the LR schedule of the whole run
-    growth        rank 0 grows that checkpoint in depth into {save}/grown, in the run's own
-                  tp/pp layout, carrying the run state (progress, LR schedule position, RNG,
-                  and a fresh optimizer or, with --stack-optimizer-state, stacked Adam moments);
-                  the other ranks wait at a barrier
-    grown phase   the grown model resumes from {save}/grown at the same iteration, same data
-                  position and same LR schedule, to --train-iters/--train-tokens; its
-                  checkpoints (and, without --metrics-file, its metrics) go to {save}/grown
+    growth        every rank builds its own stage of the grown model in memory, in the run's
+                  tp/pp layout, from the base stages' tensors sent over the pipeline group
+                  (megagrow/growth/in_memory.py): no file is read, so nodes with local disks
+                  grow too. With --stack-optimizer-state the Adam moments and fp32 masters are
+                  stacked like the weights, whatever optimizer trains (megagrow's plain or
+                  distributed one, DeepSpeed at any ZeRO stage); otherwise the optimizer starts
+                  fresh. The grown model is saved at once to {save}/grown
+    grown phase   training continues at the same iteration, data position, LR schedule and RNG
+                  streams, to --train-iters/--train-tokens; its checkpoints (and, without
+                  --metrics-file, its metrics) go to {save}/grown
 
-Relaunching the same command resumes: from {save}/grown once it holds a checkpoint, else
-the base phase from --load as usual. Only megagrow's own non-distributed optimizer is
-supported (the carried optimizer state is written in its layout).
+The result equals the offline route (save, tools/stack_checkpoint.py with the run state,
+resume) loss for loss. Relaunching the same command resumes: from {save}/grown once it holds
+a checkpoint, else the base phase from --load as usual.
 """
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ import logging
 import math
 from pathlib import Path
 
-import torch.distributed as dist
-
 from megagrow.config import ModelConfig, TrainConfig
 from megagrow.errors import UserError
 from megagrow.growth.operators import GrowthSpec, grown_config
-from megagrow.growth.run_state import RunStateOptions
-from megagrow.growth.stacking import stack_checkpoint
+from megagrow.growth.in_memory import grow_stage
+from megagrow.parallel import state
+from megagrow.parallel.pipeline import partition_layers
+from megagrow.training import checkpoint_state
 from megagrow.checkpoint.layout import read_tracker
 from megagrow.training.trainer import Trainer, resolve_train_iters
 
@@ -50,9 +53,6 @@ def growth_iteration(train: TrainConfig, seq_length: int) -> int:
 def _check(train: TrainConfig, grow_at: int, total: int) -> None:
     if not train.save:
         raise UserError("--grow-at-tokens needs --save DIR: the base model is saved there and grown from it")
-    if train.deepspeed or train.use_distributed_optimizer:
-        raise UserError("--grow-at-tokens supports megagrow's non-distributed optimizer only; drop --deepspeed "
-                        "and --use-distributed-optimizer, or grow offline with tools/stack_checkpoint.py")
     if not 0 < grow_at < total:
         raise UserError(f"--grow-at-tokens {train.grow_at_tokens} is iteration {grow_at}, outside the run's "
                         f"{total} iterations; grow after at least one iteration and before the end")
@@ -75,35 +75,27 @@ def phase_configs(model: ModelConfig, train: TrainConfig) -> tuple[TrainConfig, 
     return base, grown_config(model, spec), grown
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _is_coordinator() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def train_with_growth(model: ModelConfig, parallel, train: TrainConfig, data) -> Trainer:
     """Train the base model to --grow-at-tokens, grow it, and train the grown model to the end; returns the last Trainer."""
     base_train, grown_model, grown_train = phase_configs(model, train)
+    start = None
     if read_tracker(grown_train.load) is None:
         base = Trainer(model, parallel, base_train, data)
         base.run()
         if base.progress.iteration < base_train.train_iters:  # stopped by a signal: resume later
             return base
-        del base
+        spec = growth_spec(train)
+        logger.info("growing at iteration %d by %s x%d in memory (%s)", base_train.train_iters, spec.operator,
+                    spec.factor, "stacked Adam state" if train.stack_optimizer_state else "fresh optimizer")
+        base_stages = partition_layers(model.num_layers, parallel.pp, base_train.pipeline_layer_split)
+        grown_stages = partition_layers(grown_model.num_layers, parallel.pp, grown_train.pipeline_layer_split)
+        start = grow_stage(base, spec, grown_model, base_stages, grown_stages[state.pp_rank()],
+                           train.stack_optimizer_state)
+        del base  # the base stage and its optimizer (a DeepSpeed engine too) go before the grown one is built
         gc.collect()
-        _barrier()
-        if _is_coordinator():
-            spec = growth_spec(train)
-            logger.info("growing %s at iteration %d by %s x%d into %s", train.save, base_train.train_iters,
-                        spec.operator, spec.factor, grown_train.save)
-            stack_checkpoint(train.save, grown_train.save, spec, iteration=base_train.train_iters, tp=parallel.tp,
-                             pp=parallel.pp, layers_per_stage=grown_train.pipeline_layer_split,
-                             run_state=RunStateOptions(stack_optimizer_state=train.stack_optimizer_state),
-                             progress=False)
-        _barrier()
-    grown = Trainer(grown_model, parallel, grown_train, data)
+    grown = Trainer(grown_model, parallel, grown_train, data, start=start)
+    if start is not None:
+        checkpoint_state.save(grown)  # the grown model at the growth point, where a relaunch resumes
+        del start
     grown.run()
     return grown

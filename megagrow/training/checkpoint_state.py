@@ -84,6 +84,8 @@ def _megagrow_record(trainer, optimizer: dict | None = None) -> dict:
     record = {"config": config_record(trainer.model_config, trainer.parallel, trainer.train),
               "progress": asdict(trainer.progress)}
     record["scheduler"] = optimization.scheduler.state_dict()
+    if getattr(trainer, "growth_record", None):
+        record["growth"] = trainer.growth_record
     if optimizer is not None:
         record["optimizer"] = optimizer
     return record
@@ -199,6 +201,32 @@ class LoadedCheckpoint:
     def same_layout(self) -> bool:
         """Saved with this run's tp, pp and layer split, in the torch format: this rank's file is its state."""
         return isinstance(self.source, RankShard)
+
+
+@dataclass
+class RunStart:
+    """Where a run starts when it starts from memory rather than --load (in-run growth): this rank's stage."""
+
+    weights: dict  # the stage's state dict (local names)
+    optimizer: dict | None  # its model-space optimizer record, or None for a fresh optimizer
+    progress: dict  # TrainProgress fields
+    scheduler_steps: int  # LR schedule position (optimizer steps taken)
+    growth: dict | None = None  # how the model was grown, recorded in every checkpoint of the run
+
+
+def load_start_weights(trainer, start: RunStart) -> None:
+    """Phase 1 from memory: the stage's weights."""
+    trainer.model.load_state_dict(start.weights, strict=True)
+
+
+def load_start_state(trainer, start: RunStart) -> None:
+    """Phase 2 from memory: optimizer, progress and LR schedule (this process's RNG streams simply continue)."""
+    if start.optimizer is not None:
+        trainer.optimization.load_optimizer_record(start.optimizer)
+    for name, value in start.progress.items():
+        setattr(trainer.progress, name, value)
+    trainer.optimization.scheduler.load_state_dict({"num_steps": start.scheduler_steps})
+    trainer.growth_record = start.growth
 
 
 def check_model_config(saved: dict, current: dict, where: str) -> None:

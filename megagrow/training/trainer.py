@@ -71,7 +71,8 @@ def micro_batches_per_step(train: TrainConfig, dp: int) -> int:
 class Trainer:
     """Builds this rank's stage, optimizer and data, and runs (or resumes) training."""
 
-    def __init__(self, model_config: ModelConfig, parallel: ParallelConfig, train: TrainConfig, data: DataConfig):
+    def __init__(self, model_config: ModelConfig, parallel: ParallelConfig, train: TrainConfig, data: DataConfig,
+                 start: checkpoint_state.RunStart | None = None):
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.model_config = model_config.replace(params_dtype=_PARAMS_DTYPE[train.precision])
         self.parallel, self.train, self.data = parallel, train, data
@@ -79,6 +80,7 @@ class Trainer:
         self.num_micro_batches = micro_batches_per_step(train, parallel.dp)
         self.progress = TrainProgress()
         self.losses: list[tuple[int, float]] = []  # (iteration, loss) of this process's run, for tests and tools
+        self.growth_record: dict | None = None  # how the model was grown in this run (checkpoints record it)
         self.stop_requested = False
 
         ranges = partition_layers(model_config.num_layers, parallel.pp, train.pipeline_layer_split)
@@ -88,7 +90,13 @@ class Trainer:
                                 recompute_granularity=train.recompute_granularity,
                                 recompute_method=train.recompute_method, recompute_num_layers=train.recompute_num_layers,
                                 cross_entropy_chunk_size=train.cross_entropy_chunk_size, compile_mlp=train.compile_mlp)
-        loaded_shard = checkpoint_state.load_weights(self) if train.load else None
+        # The weights go in before the optimizer is built (it copies them): from memory (`start`, in-run
+        # growth) or from --load.
+        loaded_shard = None
+        if start is not None:
+            checkpoint_state.load_start_weights(self, start)
+        elif train.load:
+            loaded_shard = checkpoint_state.load_weights(self)
         self.optimization = build_optimization(self.model, train, parallel, self.train_iters,
                                                self.model_config.tie_embeddings)
 
@@ -99,7 +107,9 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(model_config)
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.peak_tflops = peak_tflops(device_name, train.peak_tflops)
-        if train.load:
+        if start is not None:
+            checkpoint_state.load_start_state(self, start)
+        elif train.load:
             checkpoint_state.load_training_state(self, loaded_shard)
         self.metrics = None
         if not dist.is_initialized() or dist.get_rank() == 0:
