@@ -152,14 +152,21 @@ def _default_is_coordinator() -> bool:
     return True
 
 
-def _node_coordinator(tmp_dir: Path, is_coordinator: Callable[[], bool]) -> bool:
-    """Whether this rank publishes the iteration: global rank 0, or local rank 0 of a node that cannot see its files."""
+_COORDINATOR_MARK = ".coordinator"
+
+
+def _sees_coordinator_files(tmp_dir: Path, is_coordinator: Callable[[], bool]) -> bool:
+    """Whether this rank sees the directory global rank 0 just created (collective: rank 0 marks it with a token)."""
+    if is_coordinator is not _default_is_coordinator or not torch.distributed.is_initialized():
+        return True  # one process, or a caller that plays every rank itself
+    token = [os.urandom(8).hex() if is_coordinator() else None]
     if is_coordinator():
-        return True
-    if is_coordinator is not _default_is_coordinator:  # a caller that plays every rank itself
+        (tmp_dir / _COORDINATOR_MARK).write_text(token[0])
+    torch.distributed.broadcast_object_list(token, src=0)
+    try:
+        return (tmp_dir / _COORDINATOR_MARK).read_text() == token[0]
+    except OSError:
         return False
-    # Ranks of one node share a filesystem, so local rank 0 answers for its node.
-    return int(os.environ.get("LOCAL_RANK", "-1")) == 0 and not tmp_dir.is_dir()
 
 
 def _fsync_path(path: Path) -> None:
@@ -183,12 +190,14 @@ def _write_file_atomically(path: Path, text: str) -> None:
 def save_iteration(
     root: str | os.PathLike,
     iteration: Iteration,
-    write: Callable[[Path], None],
+    write: Callable[[Path, bool], None],
     *,
     barrier: Callable[[], None] = _default_barrier,
     is_coordinator: Callable[[], bool] = _default_is_coordinator,
 ) -> Path:
-    """Collectively save one iteration atomically: every rank calls `write(tmp_dir)`, then the coordinator publishes it."""
+    """Collectively save one iteration atomically: every rank calls `write(tmp_dir, own_copy)`, then the coordinator
+    of each directory publishes it. `own_copy` is True on a node that cannot see global rank 0's directory and keeps
+    its own copy of the checkpoint (its ranks must write everything the node needs to resume)."""
     root = Path(root)
     final_dir = iteration_dir(root, iteration)
     tmp_dir = final_dir.with_name(final_dir.name + ".tmp")
@@ -202,13 +211,16 @@ def save_iteration(
     if is_coordinator():
         prepare()
     barrier()
-    publishes = _node_coordinator(tmp_dir, is_coordinator)
-    if publishes and not is_coordinator():
-        prepare()  # this node does not see global rank 0's directory: it keeps its own
+    own_copy = not _sees_coordinator_files(tmp_dir, is_coordinator)
+    # Ranks of one node share a filesystem, so local rank 0 publishes for a node that keeps its own copy.
+    publishes = is_coordinator() or (own_copy and int(os.environ.get("LOCAL_RANK", "-1")) == 0)
+    if own_copy and publishes:
+        prepare()
     barrier()
-    write(tmp_dir)
+    write(tmp_dir, own_copy)
     barrier()
     if publishes:
+        (tmp_dir / _COORDINATOR_MARK).unlink(missing_ok=True)
         for sub in tmp_dir.iterdir():
             if sub.is_dir():
                 _fsync_path(sub)
@@ -235,24 +247,21 @@ def save_checkpoint(
     tp_rank: int = 0,
     pp_rank: int = 0,
     pp_size: int = 1,
-    extra_files: dict[str, dict[str, Any]] | None = None,
+    writes: Callable[[bool], bool] | None = None,
     barrier: Callable[[], None] = _default_barrier,
     is_coordinator: Callable[[], bool] = _default_is_coordinator,
 ) -> Path:
-    """Collectively save one torch-format iteration; ranks with `shard_state=None` (dp replicas) write nothing.
+    """Collectively save one torch-format iteration.
 
-    `extra_files` (name -> state) are written beside the shard file by this rank, e.g. the
-    per-dp-rank optimizer slices of the distributed optimizer.
+    A rank writes its `shard_state` if `writes(own_copy)` says so (default: when it has one);
+    `own_copy` tells a rank on a node that keeps its own copy of the checkpoint (see save_iteration).
     """
-    files = dict(extra_files or {})
-    if shard_state is not None:
-        files[SHARD_FILENAME] = shard_state
-
-    def write(tmp_dir: Path) -> None:
-        shard_dir = tmp_dir / shard_dir_name(tp_rank, pp_rank, pp_size)
-        for name, content in files.items():
+    def write(tmp_dir: Path, own_copy: bool) -> None:
+        writes_here = writes(own_copy) if writes is not None else shard_state is not None
+        if writes_here and shard_state is not None:
+            shard_dir = tmp_dir / shard_dir_name(tp_rank, pp_rank, pp_size)
             shard_dir.mkdir(parents=True, exist_ok=True)
-            write_file_synced(shard_dir / name, content)
+            write_file_synced(shard_dir / SHARD_FILENAME, shard_state)
 
     return save_iteration(root, iteration, write, barrier=barrier, is_coordinator=is_coordinator)
 

@@ -153,7 +153,7 @@ def upgrade_checkpoint(load: str | os.PathLike, save: str | os.PathLike, iterati
         raise UserError(f"no checkpoint in {load}: latest_checkpointed_iteration.txt is missing (check --load)")
     tp, pp = checkpoint_layout(load, iteration)
 
-    def write(tmp_dir: Path) -> None:
+    def write(tmp_dir: Path, _own_copy: bool) -> None:
         for p in range(pp):
             for t in range(tp):
                 path = shard_path(load, iteration, t, p, pp)

@@ -119,7 +119,7 @@ def common_state(config: ModelConfig, *, iteration: Iteration, tp: int, pp: int,
 def write_torch_shards(root: Path, iteration: Iteration, pp: int, tp: int, shard: Callable[[int, int], ShardStream],
                        on_written: Callable[[], None] = lambda: None) -> Path:
     """Write every (tp_rank, pp_rank) file of a torch-format iteration from one process, atomically."""
-    def write(tmp_dir: Path) -> None:
+    def write(tmp_dir: Path, _own_copy: bool) -> None:
         for pp_rank in range(pp):
             for tp_rank in range(tp):
                 path = tmp_dir / shard_dir_name(tp_rank, pp_rank, pp) / SHARD_FILENAME
@@ -140,7 +140,7 @@ def write_torch_dist(root: Path, iteration: Iteration, config: ModelConfig, stag
                                         num_layers=config.num_layers,
                                         tied_head_copy=last_but_not_first and config.tie_embeddings)
 
-    def write(tmp_dir: Path) -> None:
+    def write(tmp_dir: Path, _own_copy: bool) -> None:
         records = []
         for pp_rank in range(len(stages)):
             for tp_rank in range(tp):

@@ -2,10 +2,10 @@
 
     base phase    the flags' model trains until D tokens (rounded up to whole iterations) and
                   saves to --save, with the LR schedule of the whole run
-    growth        every rank builds its own stage of the grown model in memory, in the run's
-                  tp/pp layout, from the base stages' tensors sent over the pipeline group
-                  (megagrow/growth/in_memory.py): no file is read, so nodes with local disks
-                  grow too. With --stack-optimizer-state the Adam moments and fp32 masters are
+    growth        every rank builds its own stage of the grown model, in the run's tp/pp
+                  layout, from its own shard of the saved base and the base layers the other
+                  stages send over the pipeline group (megagrow/growth/rank_growth.py): no rank
+                  reads another's files, so nodes with local disks grow too. With --stack-optimizer-state the Adam moments and fp32 masters are
                   stacked like the weights, whatever optimizer trains (megagrow's plain or
                   distributed one, DeepSpeed at any ZeRO stage); otherwise the optimizer starts
                   fresh. The grown model is saved at once to {save}/grown
@@ -29,7 +29,7 @@ from pathlib import Path
 from megagrow.config import ModelConfig, TrainConfig
 from megagrow.errors import UserError
 from megagrow.growth.operators import GrowthSpec, grown_config
-from megagrow.growth.in_memory import grow_stage
+from megagrow.growth.rank_growth import RankGrowth
 from megagrow.parallel import state
 from megagrow.parallel.pipeline import partition_layers
 from megagrow.training import checkpoint_state
@@ -85,14 +85,16 @@ def train_with_growth(model: ModelConfig, parallel, train: TrainConfig, data) ->
         if base.progress.iteration < base_train.train_iters:  # stopped by a signal: resume later
             return base
         spec = growth_spec(train)
-        logger.info("growing at iteration %d by %s x%d in memory (%s)", base_train.train_iters, spec.operator,
+        logger.info("growing at iteration %d by %s x%d on every rank (%s)", base_train.train_iters, spec.operator,
                     spec.factor, "stacked Adam state" if train.stack_optimizer_state else "fresh optimizer")
-        base_stages = partition_layers(model.num_layers, parallel.pp, base_train.pipeline_layer_split)
-        grown_stages = partition_layers(grown_model.num_layers, parallel.pp, grown_train.pipeline_layer_split)
-        start = grow_stage(base, spec, grown_model, base_stages, grown_stages[state.pp_rank()],
-                           train.stack_optimizer_state)
+        base_model = base.model_config
         del base  # the base stage and its optimizer (a DeepSpeed engine too) go before the grown one is built
         gc.collect()
+        base_stages = partition_layers(model.num_layers, parallel.pp, base_train.pipeline_layer_split)
+        grown_stages = partition_layers(grown_model.num_layers, parallel.pp, grown_train.pipeline_layer_split)
+        start = RankGrowth(train.save, base_train.train_iters, spec, base_model, grown_model.replace(
+            params_dtype=base_model.params_dtype), base_stages, grown_stages[state.pp_rank()],
+            train.stack_optimizer_state)
     grown = Trainer(grown_model, parallel, grown_train, data, start=start)
     if start is not None:
         checkpoint_state.save(grown)  # the grown model at the growth point, where a relaunch resumes

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -122,17 +123,33 @@ def _stage_state(weights: dict, trainer) -> dict:
     return with_extra_states(weights, len(model.decoder.layers), model.post_process)
 
 
+def _node_id() -> str:
+    # torchrun numbers the nodes (GROUP_RANK); other launchers leave the host name.
+    return os.environ.get("GROUP_RANK") or socket.gethostname()
+
+
+def _writes_shard(own_copy: bool) -> bool:
+    """dp rank 0 writes each (tp, pp) shard; a node keeping its own copy also writes its lowest replica's (collective)."""
+    mine = (_node_id(), state.tp_rank(), state.pp_rank(), state.dp_rank())
+    everyone = [mine]
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    if state.dp_rank() == 0:
+        return True
+    replicas_here = [dp for node, tp, pp, dp in everyone if (node, tp, pp) == mine[:3]]
+    return own_copy and state.dp_rank() == min(replicas_here)
+
+
 def _save_torch(trainer) -> None:
     # Both are collective over dp (the distributed optimizer's slices, DeepSpeed's partitions).
     weights, optimizer = trainer.optimization.stage_weights(), _optimizer_record(trainer)
-    shard = None
-    if state.dp_rank() == 0:
-        megatron = _megatron_entries(trainer)
-        shard = shard_file(_stage_state(weights, trainer), args=megatron["args"], iteration=trainer.progress.iteration,
-                           megagrow=_megagrow_record(trainer, optimizer), rng=megatron["rng"],
-                           scheduler=megatron.get("scheduler"))
+    megatron = _megatron_entries(trainer)
+    shard = shard_file(_stage_state(weights, trainer), args=megatron["args"], iteration=trainer.progress.iteration,
+                       megagrow=_megagrow_record(trainer, optimizer), rng=megatron["rng"],
+                       scheduler=megatron.get("scheduler"))
     save_checkpoint(trainer.train.save, trainer.progress.iteration, shard, tp_rank=state.tp_rank(),
-                    pp_rank=state.pp_rank(), pp_size=state.pp_size())
+                    pp_rank=state.pp_rank(), pp_size=state.pp_size(), writes=_writes_shard)
 
 
 def _optimizer_entries(optimizer: dict, where: dict) -> list:
@@ -149,7 +166,11 @@ def _save_torch_dist(trainer) -> None:
     megatron = _megatron_entries(trainer)
     weights, optimizer = trainer.optimization.stage_weights(), _optimizer_record(trainer)
 
-    def write(tmp_dir: Path) -> None:
+    def write(tmp_dir: Path, own_copy: bool) -> None:
+        if not _all_ranks_agree(not own_copy):  # refused on every rank at once: no rank left waiting
+            raise UserError(f"--save {train.save}: a node does not see the directory rank 0 writes to, and "
+                            f"--ckpt-format torch_dist needs a filesystem every node shares; use --ckpt-format torch "
+                            f"on node-local disks")
         entries = []
         if state.dp_rank() == 0:
             layers = range(model.layer_offset, model.layer_offset + len(model.decoder.layers))
@@ -175,14 +196,8 @@ def _save_torch_dist(trainer) -> None:
         common = {"args": megatron["args"], "checkpoint_version": 3.0, "iteration": trainer.progress.iteration,
                   "opt_param_scheduler": megatron.get("scheduler"),
                   MEGAGROW_KEY: {"format_version": 2, **_megagrow_record(trainer, steps)}}
-        records = [r for rank_records in gathered for r in rank_records]
         if rank == 0:
-            torch_dist.write_metadata(tmp_dir, records, common)
-        if dist.is_initialized():
-            dist.barrier()
-        # A node that does not share rank 0's filesystem gets the same metadata beside its own chunk files.
-        if rank != 0 and int(os.environ.get("LOCAL_RANK", "-1")) == 0 and not (tmp_dir / torch_dist.METADATA_FILE).is_file():
-            torch_dist.write_metadata(tmp_dir, records, common)
+            torch_dist.write_metadata(tmp_dir, [r for rank_records in gathered for r in rank_records], common)
 
     save_iteration(train.save, trainer.progress.iteration, write)
 
@@ -201,32 +216,6 @@ class LoadedCheckpoint:
     def same_layout(self) -> bool:
         """Saved with this run's tp, pp and layer split, in the torch format: this rank's file is its state."""
         return isinstance(self.source, RankShard)
-
-
-@dataclass
-class RunStart:
-    """Where a run starts when it starts from memory rather than --load (in-run growth): this rank's stage."""
-
-    weights: dict  # the stage's state dict (local names)
-    optimizer: dict | None  # its model-space optimizer record, or None for a fresh optimizer
-    progress: dict  # TrainProgress fields
-    scheduler_steps: int  # LR schedule position (optimizer steps taken)
-    growth: dict | None = None  # how the model was grown, recorded in every checkpoint of the run
-
-
-def load_start_weights(trainer, start: RunStart) -> None:
-    """Phase 1 from memory: the stage's weights."""
-    trainer.model.load_state_dict(start.weights, strict=True)
-
-
-def load_start_state(trainer, start: RunStart) -> None:
-    """Phase 2 from memory: optimizer, progress and LR schedule (this process's RNG streams simply continue)."""
-    if start.optimizer is not None:
-        trainer.optimization.load_optimizer_record(start.optimizer)
-    for name, value in start.progress.items():
-        setattr(trainer.progress, name, value)
-    trainer.optimization.scheduler.load_state_dict({"num_steps": start.scheduler_steps})
-    trainer.growth_record = start.growth
 
 
 def check_model_config(saved: dict, current: dict, where: str) -> None:

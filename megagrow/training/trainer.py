@@ -72,7 +72,7 @@ class Trainer:
     """Builds this rank's stage, optimizer and data, and runs (or resumes) training."""
 
     def __init__(self, model_config: ModelConfig, parallel: ParallelConfig, train: TrainConfig, data: DataConfig,
-                 start: checkpoint_state.RunStart | None = None):
+                 start=None):
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.model_config = model_config.replace(params_dtype=_PARAMS_DTYPE[train.precision])
         self.parallel, self.train, self.data = parallel, train, data
@@ -90,11 +90,11 @@ class Trainer:
                                 recompute_granularity=train.recompute_granularity,
                                 recompute_method=train.recompute_method, recompute_num_layers=train.recompute_num_layers,
                                 cross_entropy_chunk_size=train.cross_entropy_chunk_size, compile_mlp=train.compile_mlp)
-        # The weights go in before the optimizer is built (it copies them): from memory (`start`, in-run
-        # growth) or from --load.
+        # The weights go in before the optimizer is built (it copies them): from `start` (an object with
+        # load_weights(trainer) and load_state(trainer): in-run growth, megagrow/growth/rank_growth.py) or --load.
         loaded_shard = None
         if start is not None:
-            checkpoint_state.load_start_weights(self, start)
+            start.load_weights(self)
         elif train.load:
             loaded_shard = checkpoint_state.load_weights(self)
         self.optimization = build_optimization(self.model, train, parallel, self.train_iters,
@@ -108,7 +108,7 @@ class Trainer:
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.peak_tflops = peak_tflops(device_name, train.peak_tflops)
         if start is not None:
-            checkpoint_state.load_start_state(self, start)
+            start.load_state(self)
         elif train.load:
             checkpoint_state.load_training_state(self, loaded_shard)
         self.metrics = None
