@@ -43,3 +43,23 @@ def test_errors_end_in_one_line(tmp_path, tiny_tokenizer_model, capsys):
     small = _hf_dir(tmp_path / "small", 16)
     assert "pass the tokenizer the run was trained with" in error("--hf-dir", small, "--tokenizer-model",
                                                                   tiny_tokenizer_model)
+
+
+def test_sampling_is_the_default_seeded_and_matches_transformers(tmp_path, tiny_tokenizer_model, capsys):
+    hf = _hf_dir(tmp_path / "hf", TINY_VOCAB_SIZE + 8)
+    text, count, _ = generate_hf.generate(hf, tiny_tokenizer_model, "def main", 12, temperature=0.8, seed=3, top_k=5)
+    again = generate_hf.generate(hf, tiny_tokenizer_model, "def main", 12, temperature=0.8, seed=3, top_k=5)
+    assert (text, count) == again[:2]  # seeded: repeatable
+    from megagrow.data.tokenizer import SentencePieceTokenizer
+
+    tokenizer = SentencePieceTokenizer(tiny_tokenizer_model)
+    prompt = [tokenizer.eos_id, *tokenizer.encode("def main")]
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
+    torch.manual_seed(3)
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=True, temperature=0.8, top_k=5,
+                              pad_token_id=tokenizer.eos_id)[0, len(prompt):]
+    assert text == tokenizer.decode([i for i in expected.tolist() if i < tokenizer.vocab_size])
+    greedy = generate_hf.generate(hf, tiny_tokenizer_model, "def main", 12, temperature=0.0, seed=3)[0]
+    assert text != greedy  # sampling is not the greedy path
+    generate_hf.main(["--hf-dir", str(hf), "--tokenizer-model", str(tiny_tokenizer_model), "--max-new-tokens", "4"])
+    assert "decoding sampled: temperature 0.8, top-k 40, seed 1234" in capsys.readouterr().out

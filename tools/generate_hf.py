@@ -4,9 +4,11 @@
     python tools/generate_hf.py --hf-dir runs/x/hf --tokenizer-model runs/x/tokenizer.model --prompt "def main("
 
 The model is read by `transformers.AutoModelForCausalLM` exactly as any HF tool would read it;
-the prompt is encoded with the run's SentencePiece model (the exported directory holds weights
-and config only). Decoding is greedy unless --temperature > 0, and seeded, so a run is repeatable.
-Needs the `hf` extra: pip install -e '.[hf]'.
+the prompt is encoded with the run's tokenizer (--tokenizer-type/--tokenizer-model as in
+training; the exported directory holds weights and config only). Decoding samples by default
+(--temperature 0.8, --top-k 40), seeded so a run is repeatable: greedy decoding of a small model
+tends to loop on its most likely token, which says little about the model. --greedy decodes
+greedily. Needs the `hf` extra: pip install -e '.[hf]'.
 """
 
 from __future__ import annotations
@@ -31,13 +33,16 @@ def _load_model(hf_dir: Path):
 
 
 def generate(hf_dir: Path, tokenizer_model: Path, prompt: str, max_new_tokens: int, temperature: float,
-             seed: int) -> tuple[str, int, str]:
-    """The prompt's continuation from the HF model: (text, number of new tokens, what model transformers built)."""
+             seed: int, top_k: int = 40, tokenizer_type: str = "SentencePieceTokenizer") -> tuple[str, int, str]:
+    """The prompt's continuation from the HF model: (text, number of new tokens, what model transformers built).
+
+    temperature 0 decodes greedily; otherwise tokens are sampled from the top_k most likely (0: all).
+    """
     import torch
 
-    from megagrow.data.tokenizer import SentencePieceTokenizer
+    from megagrow.data.tokenizer import build_tokenizer
 
-    tokenizer = SentencePieceTokenizer(tokenizer_model)
+    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
     model = _load_model(hf_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"{tokenizer_model}: {tokenizer.vocab_size} pieces but the model at {hf_dir} has "
@@ -49,7 +54,9 @@ def generate(hf_dir: Path, tokenizer_model: Path, prompt: str, max_new_tokens: i
         # Training streams documents separated by --append-eod's eos, so a new document follows an eos.
         prompt_ids = [tokenizer.eos_id, *prompt_ids]
     torch.manual_seed(seed)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    sampling = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or None}
     with torch.no_grad():
         output = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
                                 pad_token_id=tokenizer.eos_id if tokenizer.eos_id is not None else 0, **sampling)
@@ -66,17 +73,26 @@ def main(argv=None) -> None:
     """Print the model's size, the prompt and its continuation."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", type=Path, required=True, help="directory written by convert_checkpoint.py to-hf")
-    parser.add_argument("--tokenizer-model", type=Path, required=True, help="the run's SentencePiece .model")
+    parser.add_argument("--tokenizer-model", type=Path, required=True,
+                        help="the run's tokenizer: a SentencePiece .model, or a directory with tokenizer.json")
+    parser.add_argument("--tokenizer-type", default="SentencePieceTokenizer", help="as pretrain_gpt.py's flag")
     parser.add_argument("--prompt", default="def ", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (0: all)")
+    parser.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args(argv)
-    if not args.tokenizer_model.is_file():
+    if not args.tokenizer_model.exists():
         raise UserError(f"--tokenizer-model {args.tokenizer_model}: no such file")
+    if args.temperature < 0 or args.top_k < 0:
+        raise UserError("--temperature and --top-k must not be negative (use --greedy for greedy decoding)")
     text, count, built = generate(args.hf_dir, args.tokenizer_model, args.prompt, args.max_new_tokens,
-                                  args.temperature, args.seed)
-    print(f"loaded {args.hf_dir} with transformers ({built})")
+                                  0.0 if args.greedy else args.temperature, args.seed, args.top_k,
+                                  args.tokenizer_type)
+    decoding = "greedy" if args.greedy or args.temperature == 0 else (
+        f"sampled: temperature {args.temperature}, top-k {args.top_k}, seed {args.seed}")
+    print(f"loaded {args.hf_dir} with transformers ({built}); decoding {decoding}")
     print(f"prompt: {args.prompt!r}")
     print(f"continuation ({count} tokens): {text!r}")
     sys.stdout.flush()

@@ -24,6 +24,7 @@ import dataclasses
 import gc
 import logging
 import math
+import time
 from pathlib import Path
 
 from megagrow.config import ModelConfig, TrainConfig
@@ -34,6 +35,7 @@ from megagrow.parallel import state
 from megagrow.parallel.pipeline import partition_layers
 from megagrow.training import checkpoint_state
 from megagrow.checkpoint.layout import read_tracker
+from megagrow.training.metrics import peak_memory_gb
 from megagrow.training.trainer import Trainer, resolve_train_iters
 
 logger = logging.getLogger("megagrow.training")
@@ -95,9 +97,13 @@ def train_with_growth(model: ModelConfig, parallel, train: TrainConfig, data) ->
         start = RankGrowth(train.save, base_train.train_iters, spec, base_model, grown_model.replace(
             params_dtype=base_model.params_dtype), base_stages, grown_stages[state.pp_rank()],
             train.stack_optimizer_state)
+    grow_started = time.perf_counter()
     grown = Trainer(grown_model, parallel, grown_train, data, start=start)
     if start is not None:
+        built = time.perf_counter()
         checkpoint_state.save(grown)  # the grown model at the growth point, where a relaunch resumes
         del start
+        logger.info("grown stage built in %.1f s and saved in %.1f s; peak memory of this rank so far %.2f GB",
+                    built - grow_started, time.perf_counter() - built, peak_memory_gb())
     grown.run()
     return grown

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 logger = logging.getLogger("megagrow.training")
 
 # Dense (non-sparse) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets.
@@ -28,6 +30,17 @@ PEAK_BF16_TFLOPS = (
     ("A10G", 70.0),
     ("V100", 125.0),
 )
+
+
+def peak_memory_gb(device: torch.device | None = None) -> float:
+    """Peak memory of this process: the CUDA allocator's peak on GPU, the resident set's on CPU."""
+    device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                        else torch.device("cpu"))
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
 def peak_tflops(device_name: str, override: float | None = None) -> float | None:

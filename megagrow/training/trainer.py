@@ -33,7 +33,7 @@ from megagrow.parallel.pipeline import (
 from megagrow.training import checkpoint_state
 from megagrow.data.blended_dataset import domain_names
 from megagrow.training.data_setup import RunDatasets, build_datasets, micro_batch_iterator, run_domains, sample_counts
-from megagrow.training.metrics import MetricsWriter, measure_throughput, peak_tflops
+from megagrow.training.metrics import MetricsWriter, measure_throughput, peak_memory_gb, peak_tflops
 from megagrow.training.mixed_precision import StepResult
 from megagrow.training.optimization import build_optimization
 
@@ -304,7 +304,7 @@ class Trainer:
             "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
             "consumed_tokens": self.progress.consumed_samples * self.model_config.seq_length,
             "tokens_per_second": speed.tokens_per_second, "tflops_per_device": speed.tflops_per_device,
-            "skipped_steps": self.progress.skipped_steps, "memory_gb": _memory_gb(self.device),
+            "skipped_steps": self.progress.skipped_steps, "memory_gb": peak_memory_gb(self.device),
         }
         if speed.mfu is not None:
             values["mfu"] = speed.mfu
@@ -327,12 +327,3 @@ class Trainer:
         domains = "".join(f" | {name} {value:.4f}" for name, value in result.get("domain_losses", {}).items())
         logger.info("validation at iteration %d | loss %.4f | perplexity %.2f%s", self.progress.iteration, loss,
                     perplexity, domains)
-
-def _memory_gb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA allocator peak on GPU, resident set size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
-
