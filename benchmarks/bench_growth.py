@@ -5,10 +5,12 @@
 
 One torchrun job of 2 processes (pipeline stages) trains the base one iteration on --mock-data,
 grows it x2 with --stack-optimizer-state on every rank and trains the grown model one iteration.
-Rank 0 logs how long growing took (building its grown stage, then saving it) and its peak
-memory then; its peak at the end of the grown iteration is the grown run's own. The offline
-route is timed on the base that job saved: the stacking tool (its peak memory too), then a
-relaunch that only loads the grown checkpoint. Ratios are in-run over offline, in one run.
+Rank 0 logs how long growing took (building its grown stage, then saving it). Both workers'
+anonymous memory (RssAnon: heap, not the reclaimable pages of memory-mapped checkpoints) is
+sampled every 20 ms from outside, and split into the base phase, the growth (from its first
+log line to the one that says the grown stage is built and saved) and the grown phase. The
+offline route is timed on the base that job saved: the stacking tool (its peak memory too),
+then a relaunch that only loads the grown checkpoint. Ratios are in-run over offline, in one run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -49,8 +52,61 @@ def _torchrun(flags: list[str], cwd: Path) -> tuple[str, float]:
     return result.stdout + result.stderr, time.perf_counter() - start
 
 
-def _last_memory_gb(log: str) -> float:
-    return float(re.findall(r"mem ([\d.]+) GB", log)[-1])
+def _workers(parent: int) -> list[int]:
+    """The pretrain_gpt.py processes torchrun started (children of `parent` running it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            ppid = int(re.search(r"PPid:\s+(\d+)", status).group(1))
+            if ppid == parent and b"pretrain_gpt.py" in cmdline:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def _anon_mb(pid: int) -> float:
+    try:
+        return int(re.search(r"RssAnon:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1)) / 1024
+    except (OSError, AttributeError):
+        return 0.0
+
+
+def _in_run_job(flags: list[str], cwd: Path) -> tuple[str, float, dict[str, list[float]]]:
+    """(log, wall seconds, {phase: [peak anonymous MB of each worker]}) of the in-run growth job."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(29500 + os.getpid() % 1000), str(ROOT / "pretrain_gpt.py"), *flags]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    phase, peaks, done = ["base"], {"base": {}, "growth": {}, "grown": {}}, threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for pid in _workers(process.pid):
+                current = peaks[phase[0]]
+                current[pid] = max(current.get(pid, 0.0), _anon_mb(pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "growing at iteration" in line:
+            phase[0] = "growth"
+        elif "grown stage built in" in line:
+            phase[0] = "grown"
+    process.wait()
+    done.set()
+    sampler.join()
+    log = "".join(lines)
+    if process.returncode:
+        raise SystemExit(f"pretrain_gpt.py failed:\n{log[-3000:]}")
+    return log, time.perf_counter() - start, {name: [v for _, v in sorted(p.items())] for name, p in peaks.items()}
 
 
 def main() -> None:
@@ -67,12 +123,11 @@ def main() -> None:
     tokens_per_iteration = 2 * args.seq
     try:
         model = _model_flags(args)
-        log, in_run_wall = _torchrun([*model, "--train-iters", "2", "--grow-at-tokens", str(tokens_per_iteration),
-                                      "--growth-factor", "2", "--stack-optimizer-state", "--save", str(work / "run"),
-                                      "--load", str(work / "run")], work)
-        built_s, saved_s, growth_peak = map(float, GROWN_LINE.search(log).groups())
-        base_peak = float(re.search(r"iteration 1/1 .*?mem ([\d.]+) GB", log).group(1))
-        grown_peak = _last_memory_gb(log)
+        log, in_run_wall, anon = _in_run_job([*model, "--train-iters", "2", "--grow-at-tokens",
+                                              str(tokens_per_iteration), "--growth-factor", "2",
+                                              "--stack-optimizer-state", "--save", str(work / "run"), "--load",
+                                              str(work / "run")], work)
+        built_s, saved_s, _ = map(float, GROWN_LINE.search(log).groups())
 
         start = time.perf_counter()
         tool = subprocess.run([sys.executable, "-c", "import resource, runpy, sys; sys.argv = sys.argv[1:]; "
@@ -85,7 +140,7 @@ def main() -> None:
         tool_s = time.perf_counter() - start
         if tool.returncode:
             raise SystemExit(f"stack_checkpoint failed:\n{tool.stderr[-3000:]}")
-        tool_peak = int(tool.stdout.split("peak")[-1]) / 1e6
+        tool_peak = int(tool.stdout.split("peak")[-1]) / 1024  # MB (resident, file-backed pages included)
         grown_flags = [*model, "--num-layers", str(2 * args.layers), "--train-iters", "1", "--load",
                        str(work / "offline"), "--lr-decay-iters", "2"]
         _, reload_s = _torchrun(grown_flags, work)
@@ -105,11 +160,14 @@ def main() -> None:
              f"stacked Adam state. In-run wall time of the whole job: {in_run_wall:.0f} s.", "",
              "| route | seconds | in-run / this |", "|---|---|---|"]
     lines += [f"| {name} | {seconds:.1f} | {(built_s + saved_s) / max(seconds, 1e-9):.2f} |" for name, seconds in rows]
-    lines += ["", "| peak memory of rank 0 (GB, resident) | |", "|---|---|",
-              f"| base training (iteration 1) | {base_peak:.2f} |",
-              f"| growth (after building and saving its grown stage) | {growth_peak:.2f} |",
-              f"| grown training (iteration 2), the grown run's own | {grown_peak:.2f} |",
-              f"| offline stack_checkpoint.py (one process, whole model) | {tool_peak:.2f} |"]
+    def ranks(values: list[float]) -> str:
+        return " / ".join(f"{v:.0f}" for v in values)
+
+    lines += ["", "| peak anonymous memory (MB) | rank 0 / rank 1 |", "|---|---|",
+              f"| base phase (training iteration 1, saving the base) | {ranks(anon['base'])} |",
+              f"| growth (building the grown stage, saving it) | {ranks(anon['growth'])} |",
+              f"| grown phase (training iteration 2): the grown run's own | {ranks(anon['grown'])} |",
+              f"| offline stack_checkpoint.py (one process, whole model; peak RSS) | {tool_peak:.0f} |"]
     text = "\n".join(lines) + "\n"
     print(text)
     print(json.dumps({"growth_s": built_s + saved_s, "offline_s": tool_s + reload_s}))

@@ -209,8 +209,8 @@ class MixedPrecisionOptimizer:
         """value_of(fragment, kind) of every fragment, assembled per whole parameter (all-gathered over dp if sharded)."""
         kinds = (EXP_AVG, EXP_AVG_SQ, MASTER)
         if not self.shard_over_dp:
-            return {f.param: {kind: value_of(f, kind).view_as(f.param).clone() for kind in kinds}
-                    for f in self.fragments}
+            # Views of the optimizer's own tensors, not copies: a save reads them where they are.
+            return {f.param: {kind: value_of(f, kind).view_as(f.param) for kind in kinds} for f in self.fragments}
         by_bucket: dict[int, list[_Fragment]] = {}
         for f in self.fragments:
             by_bucket.setdefault(id(self.reducer._bucket_of[id(f.param)]), []).append(f)

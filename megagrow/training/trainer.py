@@ -225,7 +225,14 @@ class Trainer:
             self.stop_requested = True
 
         if self.train.exit_on_signal:
-            signal.signal(signal.SIGTERM, request_stop)
+            self._previous_handlers = {signal.SIGTERM: signal.signal(signal.SIGTERM, request_stop)}
+
+    def _remove_signal_handlers(self) -> None:
+        # The handler holds this Trainer: left installed, it would keep a finished phase's model and
+        # optimizer alive (in-run growth builds the grown one right after).
+        for signum, handler in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
 
     def _stop_agreed(self) -> bool:
         return not self._all_ranks_agree(not self.stop_requested)  # any rank signalled
@@ -291,6 +298,7 @@ class Trainer:
                 checkpoint_state.save(self)
         if self.metrics is not None:
             self.metrics.close()
+        self._remove_signal_handlers()
         return self.progress
 
     def _log_train(self, losses, iters, elapsed, lr, result) -> None:
