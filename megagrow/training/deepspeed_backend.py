@@ -16,13 +16,16 @@ combination Megatron-DeepSpeed refuses too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import torch
 
+from megagrow.checkpoint.safe_load import DEEPSPEED_RECORDS, plain_globals
 from megagrow.config import ParallelConfig, TrainConfig
 from megagrow.errors import UserError
 from megagrow.parallel import state
@@ -164,11 +167,16 @@ class DeepSpeedOptimization:
         optimizer = None
         if "optimizer" not in self.config:  # a json "optimizer" section (e.g. for ZeRO-Offload) wins
             optimizer = build_adamw(model.parameters(), optimizer_config(train))
+        # DeepSpeed asserts the launcher's variables; a single process started without a
+        # launcher (pretrain_gpt.py gave it a one-rank group) gets what a launcher would set.
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(name, value)
         # Weight-decay groups also when DeepSpeed builds the optimizer from the json.
         groups = weight_decay_groups(model.parameters(), train.weight_decay)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=groups,
-            lr_scheduler=lambda opt: LRScheduler(opt, schedule), mpu=DeepSpeedMPU(), config=self.config)
+            lr_scheduler=lambda opt: LRScheduler(opt, schedule), mpu=DeepSpeedMPU(), config=self.config,
+            dist_init_required=False)  # megagrow made the process group (a one-rank one for a single process)
         # ZeRO 1-3: forward through the engine, whose output hooks arm the ZeRO optimizer for the
         # backwards megagrow's schedule issues (ZeRO-2/3 reduce and partition gradients there).
         # ZeRO-0 has no ZeRO optimizer to arm, and without one DeepSpeed's hooks refuse every
@@ -232,7 +240,65 @@ class DeepSpeedOptimization:
             torch.distributed.barrier()
 
     def load(self, root: str, load_optimizer: bool) -> dict | None:
-        """Load the latest DeepSpeed checkpoint under root; returns the client state (None if there is none)."""
-        path, client_state = self.engine.load_checkpoint(root, load_optimizer_states=load_optimizer,
-                                                         load_lr_scheduler_states=load_optimizer)
+        """Load the latest DeepSpeed checkpoint under root through the engine, unpickling plain data only.
+
+        Returns the client state (None if there is none).
+        """
+        from megagrow.checkpoint.deepspeed_reader import latest_tag
+
+        tag = latest_tag(root)  # a plain directory name, never a path elsewhere
+        try:
+            with weights_only_loading(Path(root) / tag):
+                path, client_state = self.engine.load_checkpoint(root, tag=tag, load_optimizer_states=load_optimizer,
+                                                                 load_lr_scheduler_states=load_optimizer)
+        except FileNotFoundError as err:
+            raise UserError(f"--load {root}: DeepSpeed's engine needs {err.filename}, which the checkpoint does not "
+                            f"have; was it saved with another --zero-stage or layout? resume with those, or pass "
+                            f"--no-load-optim") from None
         return client_state if path is not None else None
+
+
+def _deepspeed_record_classes() -> list:
+    import importlib
+
+    classes = []
+    for name in sorted(DEEPSPEED_RECORDS):
+        module, _, attribute = name.rpartition(".")
+        try:
+            classes.append(getattr(importlib.import_module(module), attribute))
+        except (ImportError, AttributeError):
+            continue  # another DeepSpeed version: its files cannot hold this class either
+    return classes
+
+
+@contextlib.contextmanager
+def weights_only_loading(directory: Path):
+    """Every torch.load DeepSpeed's engine makes inside: weights_only=True with megagrow's plain allowlist.
+
+    DeepSpeed 0.19's engine loads with torch.load(weights_only=False) from several places
+    (TorchCheckpointEngine.load, zero_to_fp32's readers, ZeRO-3's universal loader), so a
+    pickled object in a checkpoint would run code. TORCH_FORCE_WEIGHTS_ONLY_LOAD=1, torch's
+    documented switch, makes every one of those calls weights_only (torch reads it on each
+    load), and safe_globals admits the plain classes and DeepSpeed's own records those files
+    hold. pretrain_gpt.py has already refused any file needing more, naming it
+    (megagrow/training/preflight.py); what it did not see is refused here, by torch.
+    """
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with plain_globals(), torch.serialization.safe_globals(_deepspeed_record_classes()):
+            yield
+    except pickle.UnpicklingError as err:
+        raise UserError(f"--load {directory}: DeepSpeed's engine was refused a file that would import more than "
+                        f"tensors and plain data ({_refusal(err)}); delete or re-create the checkpoint") from None
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def _refusal(err: BaseException) -> str:
+    """torch's reason for refusing a file (the line naming the global), not its advice to load unsafely."""
+    lines = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "global" in line]
+    return (lines[0] if lines else type(err).__name__)[:200]
