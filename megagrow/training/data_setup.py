@@ -85,7 +85,7 @@ def build_datasets(data: DataConfig, seq_length: int, vocab_size: int, seed: int
     # One line for all the index files (each one's is at DEBUG level, in megagrow.data).
     cache_dirs = sorted({str(config.cache_dir(c.prefix)) for c in components})
     where = cache_dirs[0] if len(cache_dirs) == 1 else f"{len(cache_dirs)} directories, {cache_dirs[0]} first"
-    logger.info("data: %d dataset(s), %d train and %d valid samples; sample indices ready in %.1f s (cached in %s)",
+    logger.info("sample indices of %d dataset(s) (%d train, %d valid samples) ready in %.1f s, cached in %s",
                 len(components), counts.train, counts.valid, time.perf_counter() - started, where)
     return RunDatasets(train, valid, domain_valid)
 

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -167,6 +168,10 @@ class DeepSpeedOptimization:
         optimizer = None
         if "optimizer" not in self.config:  # a json "optimizer" section (e.g. for ZeRO-Offload) wins
             optimizer = build_adamw(model.parameters(), optimizer_config(train))
+        # DeepSpeed 0.19 calls torch's deprecated all_gather_into_tensor / reduce_scatter_tensor:
+        # torch's FutureWarning would print on every rank and no user can act on it.
+        warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
+                                category=FutureWarning)
         # DeepSpeed asserts the launcher's variables; a single process started without a
         # launcher (pretrain_gpt.py gave it a one-rank group) gets what a launcher would set.
         for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
