@@ -33,8 +33,6 @@ import torch.distributed as dist
 
 from megagrow.errors import JobFailure, UserError, report
 
-logger = logging.getLogger("megagrow")
-
 _CLAIMS = "megagrow/failure_reports"
 _STOPPED = "megagrow/ranks_stopped"
 _STORE_HOST_WAIT_S = 10.0
