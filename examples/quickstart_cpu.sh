@@ -17,6 +17,8 @@ GROW_AT=${GROW_AT:-$(( ITERS / 4 ))}
 EVAL_INTERVAL=${EVAL_INTERVAL:-$(( GROW_AT / 2 > 0 ? GROW_AT / 2 : 1 ))}  # divides GROW_AT: the base ends on an evaluation
 SCRATCH=${SCRATCH:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # 2 processes on 2 cores: one thread each
+# Progress bars on a terminal, not as \r-joined fragments in a log file (transformers reads the hub's switch).
+bars=(); [[ -t 2 ]] || { bars=(--no-progress-bar); export HF_HUB_DISABLE_PROGRESS_BARS=1; }
 STEPS=8
 
 if ! python -c "import transformers, safetensors" 2>/dev/null; then
@@ -71,7 +73,7 @@ echo "base checkpoint: $OUT/base/checkpoints (iteration $GROW_AT, layout tp=1 pp
 
 echo "== 6/$STEPS grow: G_stack x2 (layers 0 1 -> 0 1 0 1) into tp=2 pp=1, Adam moments stacked too; continue to $ITERS"
 python tools/stack_checkpoint.py --load "$OUT/base/checkpoints" --save "$OUT/grown/checkpoints" --growth-factor 2 \
-    --target-tensor-parallel-size 2 --target-pipeline-parallel-size 1 --stack-optimizer-state
+    --target-tensor-parallel-size 2 --target-pipeline-parallel-size 1 --stack-optimizer-state "${bars[@]}"
 train "$OUT/grown" --num-layers 4 --tensor-model-parallel-size 2 --sequence-parallel --load "$OUT/grown/checkpoints"
 python tools/metrics_summary.py "$OUT/grown/metrics.jsonl"
 echo "grown checkpoint: $OUT/grown/checkpoints (iteration $ITERS, 4 layers, layout tp=2 pp=1)"

@@ -24,18 +24,24 @@ def _leg(label: str, metrics: Path, start_tokens: int) -> tuple[list[str], int]:
     return row, end_tokens
 
 
+def growth_verdict(grown_curve: Curve, scratch_curve: Curve) -> str:
+    """One plain sentence: did base -> grown reach scratch's final validation loss, and with how many tokens."""
+    total, target = scratch_curve[-1]
+    reached = tokens_to_reach(grown_curve, target)
+    if reached is None:
+        return (f"Base then grown did not reach the scratch run's final validation loss ({target:.4f}) within the "
+                f"same {total:,} tokens; its own last validation loss is {grown_curve[-1][1]:.4f}.")
+    return (f"Base then grown reached the scratch run's final validation loss ({target:.4f}) after {reached:,.0f} "
+            f"tokens, where scratch needed {total:,}: {1 - reached / total:.1%} fewer tokens.")
+
+
 def summary(rows: list[list[str]], grown_curve: Curve, scratch_curve: Curve | None) -> str:
     """Markdown table of the legs, and how many tokens base -> grown needed to reach scratch's final loss."""
     lines = ["| run | tokens | last iteration | last train loss | last validation loss |", "|---|--:|--:|--:|--:|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     if scratch_curve and grown_curve:
-        total, target = scratch_curve[-1]
-        reached = tokens_to_reach(grown_curve, target)
-        lines.append("")
-        lines.append(f"base -> grown reaches the scratch run's final validation loss {target:.4f} "
-                     + (f"after {reached:,.0f} of {total:,} tokens ({1 - reached / total:.1%} fewer)"
-                        if reached is not None else f"not within {total:,} tokens")
-                     + " (one seed, a few evaluation batches: read it as a smoke test, not a result)")
+        lines += ["", growth_verdict(grown_curve, scratch_curve),
+                  "(One seed and a few evaluation batches: read it as a smoke test, not as a result.)"]
     return "\n".join(lines)
 
 

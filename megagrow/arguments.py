@@ -14,10 +14,10 @@ import argparse
 import dataclasses
 import logging
 import os
-import sys
 from dataclasses import dataclass
 
-from megagrow.config import DataConfig, ModelConfig, ParallelConfig, TrainConfig, model_preset, validate_parallel
+from megagrow.config import (DataConfig, ModelConfig, ParallelConfig, TrainConfig, model_preset, num_parameters,
+                             validate_parallel)
 from megagrow.errors import UserError
 from megagrow.megatron_flags import add_megatron_flags, check_megatron_flags, samples_to_iterations
 from megagrow.model.recompute import LayerRecompute
@@ -46,6 +46,17 @@ class RunConfig:
     tokenizer_type: str = "SentencePieceTokenizer"
 
 
+def _positive_minutes(text: str) -> float:
+    """Minutes as Megatron's --distributed-timeout-minutes, also fractional (0.5 = 30 s)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of minutes, got {text}")
+    return value
+
+
 def _token_count(text: str) -> int:
     """A whole number of tokens, also written like 10e9 or 2.5e11."""
     try:
@@ -58,11 +69,37 @@ def _token_count(text: str) -> int:
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad or unknown flag is reported in one line instead of the whole usage text."""
+    """argparse, but a bad or unknown flag is a UserError (one line) instead of the whole usage text."""
 
     def error(self, message):
-        print(f"error: {message} (pretrain_gpt.py --help lists the flags)", file=sys.stderr)
-        sys.exit(2)
+        raise UserError(f"{message} (pretrain_gpt.py --help lists the flags)")
+
+
+def launch_settings(argv: list[str] | None = None) -> tuple[str | None, float]:
+    """(--distributed-backend, --distributed-timeout-minutes), read before the other flags.
+
+    pretrain_gpt.py creates the process group from them first, so that every later mistake,
+    a bad flag included, is reported once per job rather than once per rank. Mistakes in these
+    two are left for parse_args to report.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    parser.add_argument("--distributed-backend")
+    parser.add_argument("--distributed-timeout-minutes")
+    known, _ = parser.parse_known_args(argv)
+    values = {}
+    if known.config:
+        try:
+            values = _read_yaml(known.config)
+        except UserError:
+            pass
+    backend = known.distributed_backend or values.get("distributed_backend")
+    minutes = known.distributed_timeout_minutes or values.get("distributed_timeout_minutes")
+    try:
+        minutes = _positive_minutes(str(minutes))
+    except argparse.ArgumentTypeError:
+        minutes = TrainConfig.distributed_timeout_minutes
+    return (backend if backend in ("nccl", "gloo") else None), minutes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-overlap-grad-reduce", dest="overlap_grad_reduce", action="store_false", default=None)
     g.add_argument("--pipeline-layer-split", type=int, nargs="+", help="layers per stage, e.g. 5 6 6 5")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], help="default: nccl with CUDA, else gloo")
-    g.add_argument("--distributed-timeout-minutes", type=int,
-                   help="timeout of every collective (default 10, as Megatron); a hung rank fails the job after it")
+    g.add_argument("--distributed-timeout-minutes", type=_positive_minutes,
+                   help="timeout of every collective (default 10, as Megatron; fractions allowed, e.g. 0.5): a "
+                        "stuck or lost rank stops the job with one line after it instead of hanging")
     g.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     g = p.add_argument_group("DeepSpeed (ZeRO); DeepSpeed's own argument names")
     g.add_argument("--deepspeed", action="store_true", help="let the DeepSpeed engine reduce, shard and update")
@@ -123,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-decay-samples", type=int, help="as --lr-decay-iters, in samples of whole global batches")
     g.add_argument("--lr-warmup-samples", type=int, help="as --lr-warmup-iters, in samples of whole global batches")
     g.add_argument("--lr-warmup-fraction", type=float, help="warm-up as a fraction of the decay iterations")
-    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--bf16", action="store_true", help="bf16 compute, fp32 master weights and gradient accumulation")
+    g.add_argument("--fp16", action="store_true", help="fp16 compute with dynamic loss scaling, fp32 master weights")
     g = p.add_argument_group("memory and speed (results unchanged)")
     g.add_argument("--recompute-granularity", choices=["full", "selective"],
                    help="recompute each decoder layer (full) or only core attention (selective) in backward")
@@ -138,7 +177,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cross-entropy-chunk-size", type=int,
                    help="compute the output head and loss this many tokens at a time (0: all at once)")
     g.add_argument("--compile-mlp", action="store_true", help="fuse the SwiGLU gate with torch.compile")
-    g.add_argument("--fp16", action="store_true")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", help="a dataset prefix, or weight/prefix pairs, or @mix.txt")
     g.add_argument("--split")
@@ -234,6 +272,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     if "tie_embeddings" in values:
         model_fields["tie_embeddings"] = values["tie_embeddings"]
     _vocab_from_tokenizer(values, model_fields)
+    _require_vocabulary(values)
     if "model_preset" in values:
         model = model_preset(values["model_preset"], **model_fields)
     else:
@@ -340,9 +379,42 @@ def _vocab_from_tokenizer(values: dict, model_fields: dict) -> None:
                             f"--tokenizer-model {values['tokenizer_model']}; drop --vocab-size to use the tokenizer's")
 
 
-def describe(config: RunConfig) -> str:
-    """A short multi-line summary of the run's settings for the start-up log."""
-    lines = [f"model     {dataclasses.asdict(config.model)}", f"parallel  {dataclasses.asdict(config.parallel)}",
-             f"train     {dataclasses.asdict(config.train)}", f"data      {dataclasses.asdict(config.data)}"]
-    return "\n".join(lines)
+def _require_vocabulary(values: dict) -> None:
+    """Real data must come with the vocabulary it was tokenized with (Megatron requires a tokenizer)."""
+    if values.get("mock_data") or not values.get("data_path"):
+        return
+    if values.get("tokenizer_model") or "vocab_size" in values or values.get("use_checkpoint_args"):
+        return
+    raise UserError("--data-path without --tokenizer-model or --vocab-size: the model's vocabulary must be the one the "
+                    "data was tokenized with; pass --tokenizer-model (the tokenizer given to tools/preprocess_data.py) "
+                    "or --vocab-size N (a preset's or the default 32000 would only be a guess)")
 
+
+def describe(config: RunConfig) -> list[str]:
+    """The run's settings for the start-up log: one line per fact, none for features the run does not use."""
+    model, parallel, train, data = config.model, config.parallel, config.train, config.data
+    lines = [f"model: {model.num_layers} layers, hidden {model.hidden_size}, {model.num_attention_heads} heads "
+             f"({model.query_groups} KV groups), FFN {model.ffn_hidden_size}, vocabulary {model.vocab_size}, "
+             f"sequence {model.seq_length}, {num_parameters(model) / 1e6:.1f}M parameters"]
+    extras = [name for name, on in (("sequence parallel", parallel.sequence_parallel),
+                                    ("distributed optimizer", train.use_distributed_optimizer)) if on]
+    lines.append(f"parallel: tp={parallel.tp} pp={parallel.pp} dp={parallel.dp} ({parallel.world_size} "
+                 f"process{'es' if parallel.world_size > 1 else ''})"
+                 + "".join(f", {extra}" for extra in extras))
+    length = f"{train.train_iters} iterations" if train.train_iters is not None else f"{train.train_tokens} tokens"
+    backend = f", DeepSpeed ZeRO-{train.zero_stage}" if train.deepspeed and train.zero_stage is not None else (
+        ", DeepSpeed" if train.deepspeed else "")
+    lines.append(f"training: {length} of {train.global_batch_size} x {model.seq_length} tokens (micro-batch "
+                 f"{train.micro_batch_size}), lr {train.lr:g} -> {train.min_lr:g} {train.lr_decay_style}, warm-up "
+                 f"{train.lr_warmup_iters}, {train.precision}{backend}")
+    if data.mock_data:
+        lines.append("data: random tokens (--mock-data)")
+    else:
+        source = " ".join(data.data_path) if len(data.data_path) <= 4 else f"{len(data.data_path) // 2} datasets"
+        lines.append(f"data: {source}, split {data.split}")
+    if train.grow_at_tokens:
+        lines.append(f"growth: x{train.growth_factor} ({train.growth_operator}) at {train.grow_at_tokens} tokens")
+    if train.save or train.load:
+        interval = f" every {train.save_interval} iterations" if train.save_interval else ""
+        lines.append(f"checkpoints: save {train.save or '-'}{interval}, load {train.load or '-'}")
+    return lines

@@ -230,7 +230,7 @@ class TrainConfig:
     # Process groups (pretrain_gpt.py -> megagrow.parallel.state.initialize): None picks nccl with
     # CUDA, else gloo; every collective fails after the timeout instead of hanging (Megatron's 10).
     distributed_backend: str | None = None
-    distributed_timeout_minutes: int = 10
+    distributed_timeout_minutes: float = 10  # fractions allowed (tests bound a stuck rank in seconds)
     # DeepSpeed engine instead of megagrow's optimizer path (DeepSpeed's own flag names).
     deepspeed: bool = False
     deepspeed_config: str | None = None
@@ -311,7 +311,7 @@ class TrainConfig:
         if self.ckpt_format not in CHECKPOINT_FORMATS:
             raise UserError(f"--ckpt-format {self.ckpt_format}: megagrow writes {' or '.join(CHECKPOINT_FORMATS)} "
                             f"checkpoints (torch_dcp and fsdp_dtensor go with FSDP, which megagrow does not have)")
-        if self.distributed_timeout_minutes < 1:
+        if not self.distributed_timeout_minutes > 0:
             raise UserError(f"--distributed-timeout-minutes must be positive, got {self.distributed_timeout_minutes}")
 
 

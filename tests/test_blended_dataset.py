@@ -166,7 +166,7 @@ def test_blend_returns_the_samples_it_points_to(tmp_path, prefixes, caplog):
         assert item["dataset_id"] == d
         np.testing.assert_array_equal(item["tokens"].numpy(), train.datasets[d][s]["tokens"].numpy())
 
-    caplog.set_level(logging.INFO, logger="megagrow.data")
+    caplog.set_level(logging.DEBUG, logger="megagrow.data")
     again = build_blended_datasets(data_path, config, [401, 30, 0])[0]
     assert {r.getMessage().split()[0] for r in caplog.records} == {"loaded"}
     assert again.cache_key == train.cache_key

@@ -40,3 +40,13 @@ def test_json_files_are_valid_json():
     for path in RECIPE.glob("*.json"):
         json.loads(path.read_text())
     assert os.access(RECIPE / "run_deepspeed.sh", os.X_OK)
+
+
+@pytest.mark.parametrize("ds_json", ["ds_zero1.json", "ds_zero2.json", "ds_zero3_offload.json"])
+def test_recipe_jsons_leave_precision_to_the_flags(monkeypatch, ds_json):
+    # "auto" as their README says: the same json serves the bf16 cluster run and an fp32 trial on CPU.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = parse_args(["--model-preset", "tiny", "--mock-data", "--train-iters", "2", "--micro-batch-size", "1",
+                         "--global-batch-size", "2", "--deepspeed", "--deepspeed_config", str(RECIPE / ds_json)])
+    ds = build_deepspeed_config(config.train, config.parallel, micro_batches_per_step(config.train, config.parallel.dp))
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False

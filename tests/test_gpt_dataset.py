@@ -208,7 +208,7 @@ def test_cache_is_reused_and_keyed_by_every_parameter(tmp_path, caplog):
     prefix = write_dataset(tmp_path / "ds", random_documents(seed=5, num_documents=60, max_length=30))
     base = dict(seq_length=8, seed=1, split="90,10,0")
     cache_dir = tmp_path / "cache"  # the default: beside the data
-    caplog.set_level(logging.INFO, logger="megagrow.data")
+    caplog.set_level(logging.DEBUG, logger="megagrow.data")
 
     first = build_gpt_datasets(prefix, GPTDatasetConfig(**base), [100, None, None])[0]
     files = _cache_files(cache_dir)

@@ -32,7 +32,7 @@ def _build_train_split(prefix, cache_dirs, local_ranks):
     outcomes = _Outcomes()
     logger = logging.getLogger("megagrow.data")
     logger.addHandler(outcomes)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)  # the per-entry lines are DEBUG; one INFO line per job
     config = GPTDatasetConfig(seq_length=8, seed=3, split="1", cache_path=cache_dirs[rank])
     try:
         train = build_gpt_datasets(prefix, config, [200, None, None])[0]

@@ -13,10 +13,11 @@ FLAGS = ["--model-preset", "tiny", "--mock-data", "--micro-batch-size", "2", "--
          "--train-iters", "3", "--log-interval", "1", "--eval-interval", "0", "--pipeline-model-parallel-size", "2"]
 
 
-def _run(launcher, tmp_path, env_extra=None):
+def _run(launcher, tmp_path, env_extra=None, extra=()):
     metrics = tmp_path / "metrics.jsonl"
     env = dict(os.environ, **(env_extra or {}))
-    result = subprocess.run([*launcher, os.path.join(ROOT, "pretrain_gpt.py"), *FLAGS, "--metrics-file", str(metrics)],
+    result = subprocess.run([*launcher, os.path.join(ROOT, "pretrain_gpt.py"), *FLAGS, *extra, "--metrics-file",
+                             str(metrics)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -32,4 +33,5 @@ def test_deepspeed_launcher(tmp_path):
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable))
     if launcher is None:
         pytest.skip("the deepspeed launcher script is not installed beside this Python")
-    _run([launcher, "--num_gpus", "2"], tmp_path, {"DS_ACCELERATOR": "cpu"})
+    # README's CPU command for the DeepSpeed path: the launcher, 2 processes, gloo, ZeRO-1 over the pipeline.
+    _run([launcher, "--num_gpus", "2"], tmp_path, {"DS_ACCELERATOR": "cpu"}, ["--deepspeed", "--zero-stage", "1"])

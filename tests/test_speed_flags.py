@@ -4,6 +4,7 @@ import pytest
 
 from distributed_harness import run_distributed
 from megagrow.arguments import parse_args
+from megagrow.errors import UserError
 from trainer_runs import train_losses
 
 FLAGS = ["--model-preset", "tiny", "--seq-length", "16", "--mock-data", "--micro-batch-size", "2",
@@ -20,7 +21,7 @@ def test_flags_land_in_the_train_config():
 
 
 def test_unknown_granularity_is_refused_by_the_parser():
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="--recompute-granularity: invalid choice: 'block'"):
         parse_args(FLAGS + ["--recompute-granularity", "block"])
 
 

@@ -106,7 +106,8 @@ def test_load_with_another_model_fails_with_one_line(tmp_path, data_prefix):
         run_distributed(_run, 1, _flags(data_prefix, 4, ["--load", ckpt, "--hidden-size", "128"]))
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, data_prefix):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_a_checkpoint_and_exits(tmp_path, data_prefix, stop_signal):
     ckpt = tmp_path / "ckpt"
     command = [sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *_flags(data_prefix, 100000),
                "--save", str(ckpt), "--log-interval", "1"]
@@ -115,12 +116,12 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, data_prefix):
         if "iteration 2/" in line:
             break
     time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop_signal)  # SIGINT: Ctrl-C
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 0, output
     saved = read_tracker(ckpt)
     assert saved is not None and 2 <= saved < 100000
-    assert "stopped by signal" in output
+    assert f"received {stop_signal.name}" in output and "stopped by signal" in output
 
 
 def test_bad_flags_fail_at_start_up_with_one_line(data_prefix):

@@ -27,7 +27,9 @@ def summarize(path: str, rows: int = 8) -> str:
         lines += [f"{r['step']:>9}  {r['loss']:>10.4f}  {r['perplexity']:>10.2f}" for r in valid]
     first, last = train[0]["loss"], train[-1]["loss"]
     lines.append("")
-    lines.append(f"training loss {first:.4f} -> {last:.4f} over {train[-1]['step']} iterations")
+    # A resumed run (e.g. the grown leg of the quickstart) starts logging past iteration 1: name both ends.
+    lines.append(f"training loss {first:.4f} at iteration {train[0]['step']} -> {last:.4f} at iteration "
+                 f"{train[-1]['step']}")
     return "\n".join(lines)
 
 

@@ -42,12 +42,26 @@ def _load(path: Path) -> dict:
     return load_file(path, mmap=True)
 
 
+_TAG = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
 def latest_tag(root: str | os.PathLike) -> str:
-    """The tag DeepSpeed's `latest` file names under root."""
+    """The tag DeepSpeed's `latest` file names under root: a plain directory name there, or a one-line refusal."""
     latest = Path(root) / "latest"
     if not latest.is_file():
         raise UserError(f"{root}: no DeepSpeed 'latest' file; pass --tag or check --load")
-    return latest.read_text().strip()
+    try:
+        tag = latest.read_bytes()[:256].decode("ascii").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{latest}: not a DeepSpeed tag file ({type(err).__name__}); it should hold one tag such as "
+                        f"iter_0000100: fix or delete it") from None
+    if not _TAG.match(tag) or tag in (".", ".."):
+        raise UserError(f"{latest}: {tag[:40]!r} is not a checkpoint tag (a directory name beside the file, e.g. "
+                        f"iter_0000100); fix or delete it")
+    if not (Path(root) / tag).is_dir():
+        raise UserError(f"{latest}: names tag {tag!r} but {Path(root) / tag} does not exist; the checkpoint is "
+                        f"incomplete (fix the file to name a complete tag)")
+    return tag
 
 
 def read_deepspeed_checkpoint(root: str | os.PathLike, tag: str | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor], int]:

@@ -36,7 +36,7 @@ import torch
 from megagrow.errors import UserError
 
 # DeepSpeed's plain records that its checkpoints pickle (read as MegatronObject, never imported).
-_DEEPSPEED_RECORDS = frozenset({
+DEEPSPEED_RECORDS = frozenset({
     "deepspeed.runtime.zero.config.ZeroStageEnum",
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
@@ -94,7 +94,7 @@ def plain_globals():
 
 
 def _foreign_record(name: str) -> bool:
-    return name.startswith("megatron.") or name in _DEEPSPEED_RECORDS
+    return name.startswith("megatron.") or name in DEEPSPEED_RECORDS
 
 
 def _first_line(err: BaseException) -> str:
@@ -111,19 +111,28 @@ def checkpoint_globals(path: str | os.PathLike) -> list[str]:
                         f"checkpoint") from None
 
 
+def check_file(path: str | os.PathLike) -> list[str]:
+    """Refuse (one line) a checkpoint file that would import anything beyond the allowlist, without unpickling it.
+
+    Returns the foreign record names it holds (read as stand-ins by load_file).
+    """
+    allowed = {f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1] for g in _PLAIN_GLOBALS}
+    foreign = []
+    for name in checkpoint_globals(path):
+        if _foreign_record(name):
+            foreign.append(name)
+        elif name not in allowed:
+            raise UserError(f"{path}: refused, it would import {name!r} when loaded, which can run code; "
+                            f"megagrow loads only tensors and plain data (delete or re-create the file)")
+    return foreign
+
+
 def load_file(path: str | os.PathLike, *, mmap: bool = False) -> Any:
     """Load one checkpoint file with weights_only=True and the allowlist above, or refuse it in one line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint file not found: {path}")
-    allowed = {f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1] for g in _PLAIN_GLOBALS}
-    stand_ins = []
-    for name in checkpoint_globals(path):
-        if _foreign_record(name):
-            stand_ins.append((_stand_in(name), name))
-        elif name not in allowed:
-            raise UserError(f"{path}: refused, it would import {name!r} when loaded, which can run code; "
-                            f"megagrow loads only tensors and plain data (delete or re-create the file)")
+    stand_ins = [(_stand_in(name), name) for name in check_file(path)]
     try:
         with torch.serialization.safe_globals(_PLAIN_GLOBALS + stand_ins):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

@@ -56,6 +56,9 @@ class GPTDatasetConfig:
     split: str = "969,30,1"
     # Directory for cached indices; None puts them in `cache/` beside each dataset.
     cache_path: str | None = None
+    # The model's vocabulary: a sample holding an id outside [0, vocab_size) stops the run as it
+    # is read (cheap: one max per sample), instead of an index error deep in the embedding.
+    vocab_size: int | None = None
 
     def __post_init__(self):
         if self.seq_length <= 0:
@@ -128,7 +131,7 @@ def build_gpt_indices(
     """doc_idx, sample_idx and shuffle_idx for `num_samples` samples over `documents` (ids into sizes)."""
     tokens_per_epoch = int(sizes[documents].sum(dtype=np.int64))
     num_epochs, separate_final_epoch = plan_epochs(tokens_per_epoch, seq_length, num_samples)
-    logger.info(
+    logger.debug(
         "%d samples of %d tokens need %d epoch(s) of %d documents (%d tokens)%s",
         num_samples, seq_length, num_epochs, len(documents), tokens_per_epoch,
         ", the last shuffled separately" if separate_final_epoch else "",
@@ -230,7 +233,14 @@ class GPTDataset(index_cache.PicklesByCacheLocation, torch.utils.data.Dataset):
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         if not 0 <= idx < len(self):
             raise IndexError(f"sample {idx} outside {self.split_name} dataset of {len(self)} samples")
-        return {"tokens": torch.from_numpy(self.tokens(int(self.shuffle_idx[idx])))}
+        tokens = self.tokens(int(self.shuffle_idx[idx]))
+        vocab_size = self.config.vocab_size
+        if vocab_size is not None and tokens.size and (tokens.max() >= vocab_size or tokens.min() < 0):
+            bad = int(tokens.max()) if tokens.max() >= vocab_size else int(tokens.min())
+            raise UserError(f"{self.indexed.prefix}: token id {bad} (in {self.split_name} sample {idx}) is outside "
+                            f"the model's vocabulary of {vocab_size}; the data was tokenized with another tokenizer: "
+                            f"pass that one with --tokenizer-model (or a --vocab-size above {bad})")
+        return {"tokens": torch.from_numpy(tokens)}
 
     def tokens(self, sample: int) -> np.ndarray:
         """Tokens of unshuffled sample `sample` (seq_length + 1 of them, possibly spanning documents)."""

@@ -85,7 +85,7 @@ def load_or_build(
         if built:
             write_entry(cache_dir, key, kind, description, build())
     arrays = read_entry(cache_dir, key, names)
-    logger.info(
+    logger.debug(
         "%s %s indices%s in %.2f s: %s",
         "built" if built else "loaded",
         kind,

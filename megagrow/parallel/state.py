@@ -88,14 +88,64 @@ def _default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def _elastic_attempt_store(timeout: datetime.timedelta | None):
+    """A store for this torchrun attempt's keys only, or None when not restarted by torchelastic."""
+    # torch behaviour worked around (torch 2.13, torch.distributed.rendezvous._create_c10d_store):
+    # with TORCHELASTIC_USE_AGENT_STORE=True every worker connects to the agent's TCPStore with no
+    # per-attempt prefix ("a new TCPStore for every retry"), but the static and c10d rendezvous
+    # handlers keep ONE store for the agent's whole life. After `torchrun --max-restarts` restarts
+    # the workers, the default group's keys still hold the dead attempt's gloo addresses: a new
+    # rank reads its peer's stale address before the peer overwrites it and fails with "Gloo
+    # connectFullMesh failed ... Connection refused" (or NCCL reads a stale unique id). Keys under
+    # a prefix named by TORCHELASTIC_RESTART_COUNT (the same on every rank of one attempt) are
+    # fresh on every restart; this is the prefix older torch releases used themselves.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt is None:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False,
+                          timeout=timeout or datetime.timedelta(minutes=10))
+    return dist.PrefixStore(f"megagrow/attempt_{attempt}", store)
+
+
+def initialize_world(backend: str | None = None, timeout: datetime.timedelta | None = None, *,
+                     single_process_group: bool = False) -> None:
+    """Create the default process group from the launcher's environment (torchrun, deepspeed), if there is one.
+
+    A single process with no launcher needs none, unless `single_process_group` asks for a
+    one-rank group (DeepSpeed's engine runs collectives even alone). `backend` defaults to
+    nccl with CUDA and gloo without; `timeout` bounds every collective of the group.
+    """
+    if dist.is_initialized():
+        return
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1 and not single_process_group:
+        return
+    backend = backend or _default_backend()
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise UserError("--distributed-backend nccl needs CUDA GPUs and this machine has none; "
+                            "use --distributed-backend gloo")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    bounded = {"timeout": timeout} if timeout is not None else {}  # older torch refuses timeout=None
+    if world_size == 1:
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, **bounded)
+        return
+    store = _elastic_attempt_store(timeout)
+    if store is None:
+        dist.init_process_group(backend=backend, **bounded)
+    else:
+        dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size,
+                                **bounded)
+
+
 def initialize(tp: int = 1, pp: int = 1, dp: int | None = None, *, backend: str | None = None,
                timeout: datetime.timedelta | None = None) -> None:
     """Create the tp / pp / dp / embedding process groups; dp=None takes what the world size leaves.
 
-    Uses the default process group if one exists, else creates it from torchrun's environment
-    (`backend`, default nccl with CUDA and gloo without); a single process with no launcher
-    needs neither. `timeout` bounds every collective of the default group and of the groups
-    made here (torch gives new groups its own default, not the world's, unless told).
+    Uses the default process group if one exists, else creates it with `initialize_world`.
+    `timeout` bounds every collective of the default group and of the groups made here
+    (torch gives new groups its own default, not the world's, unless told).
     """
     global _GROUPS
     if _GROUPS is not None:
@@ -104,15 +154,7 @@ def initialize(tp: int = 1, pp: int = 1, dp: int | None = None, *, backend: str 
         if size < 1:
             raise UserError(f"parallel sizes must be positive, got {name}={size}")
     bounded = {"timeout": timeout} if timeout is not None else {}  # older torch refuses timeout=None
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Launched by torchrun / deepspeed: rendezvous from the environment they set.
-        backend = backend or _default_backend()
-        if backend == "nccl":
-            if not torch.cuda.is_available():
-                raise UserError("--distributed-backend nccl needs CUDA GPUs and this machine has none; "
-                                "use --distributed-backend gloo")
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, **bounded)
+    initialize_world(backend, timeout)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if dp is None:
         dp = max(world_size // (tp * pp), 1)

@@ -231,8 +231,18 @@ def check_model_config(saved: dict, current: dict, where: str) -> None:
 
 
 def is_deepspeed_checkpoint(root) -> bool:
-    """Whether root was saved by the DeepSpeed backend (it holds DeepSpeed's 'latest' tag file)."""
+    """Whether root is in DeepSpeed's own format (it holds DeepSpeed's 'latest' tag file)."""
     return (Path(root) / "latest").is_file()
+
+
+def refuse_deepspeed_format(root) -> None:
+    """Stop in one line on a checkpoint in DeepSpeed's own format: its engine would unpickle the files whole."""
+    # megagrow's DeepSpeed runs save megagrow's format; DeepSpeed's own is read only by the converter,
+    # with the same allowlist as every other load.
+    if is_deepspeed_checkpoint(root):
+        raise UserError(f"--load {root} is in DeepSpeed's own checkpoint format, which megagrow does not let DeepSpeed "
+                        f"load (its files are unpickled whole); convert it once with "
+                        f"python tools/convert_deepspeed_checkpoint.py --load {root} --save NEW_DIR")
 
 
 def _run_layers_per_stage(trainer) -> list[int]:
@@ -250,11 +260,7 @@ def load_weights(trainer) -> LoadedCheckpoint | None:
     if iteration is None:  # (--exit-on-missing-checkpoint stopped the run earlier, in pretrain_gpt.py)
         logger.warning("--load %s holds no checkpoint yet; training from scratch", root)
         return None
-    if is_deepspeed_checkpoint(root):
-        # megagrow's DeepSpeed runs save megagrow's format; DeepSpeed's own would be unpickled by its engine.
-        raise UserError(f"--load {root} is in DeepSpeed's own checkpoint format, which megagrow does not let DeepSpeed "
-                        f"load (its files are unpickled whole); convert it once with "
-                        f"python tools/convert_deepspeed_checkpoint.py --load {root} --save NEW_DIR")
+    refuse_deepspeed_format(root)
     own = _own_shard(trainer, root, iteration)
     if own is not None:
         source, weights = own, own.model

@@ -7,6 +7,8 @@ first and last pipeline stages read data at all (tokens in, labels out).
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -17,6 +19,9 @@ from megagrow.data.blended_dataset import BlendComponent, build_blended_datasets
 from megagrow.data.gpt_dataset import GPTDatasetConfig, build_gpt_datasets
 from megagrow.data.sampler import build_pretraining_data_loader
 from megagrow.config import DataConfig
+from megagrow.errors import UserError
+
+logger = logging.getLogger("megagrow.training")
 
 
 class MockGPTDataset(torch.utils.data.Dataset):
@@ -66,7 +71,9 @@ def build_datasets(data: DataConfig, seq_length: int, vocab_size: int, seed: int
     if data.mock_data:
         valid = MockGPTDataset(counts.valid, seq_length, vocab_size, seed + 1) if counts.valid else None
         return RunDatasets(MockGPTDataset(counts.train, seq_length, vocab_size, seed), valid, {})
-    config = GPTDatasetConfig(seq_length=seq_length, seed=seed, split=data.split, cache_path=data.data_cache_path)
+    config = GPTDatasetConfig(seq_length=seq_length, seed=seed, split=data.split, cache_path=data.data_cache_path,
+                              vocab_size=vocab_size)
+    started = time.perf_counter()
     train, valid, _ = build_blended_datasets(data.data_path, config, [counts.train, counts.valid, None],
                                              blend_rule=data.blend_rule)
     components = parse_data_path(data.data_path)
@@ -75,6 +82,11 @@ def build_datasets(data: DataConfig, seq_length: int, vocab_size: int, seed: int
         # BiMix needs each domain's loss on its own held-out data, not on its share of the blend.
         for name, component in zip(domain_names(components), components):
             domain_valid[name] = build_gpt_datasets(component.prefix, config, [0, counts.valid, 0])[1]
+    # One line for all the index files (each one's is at DEBUG level, in megagrow.data).
+    cache_dirs = sorted({str(config.cache_dir(c.prefix)) for c in components})
+    where = cache_dirs[0] if len(cache_dirs) == 1 else f"{len(cache_dirs)} directories, {cache_dirs[0]} first"
+    logger.info("sample indices of %d dataset(s) (%d train, %d valid samples) ready in %.1f s, cached in %s",
+                len(components), counts.train, counts.valid, time.perf_counter() - started, where)
     return RunDatasets(train, valid, domain_valid)
 
 
@@ -92,4 +104,14 @@ def micro_batch_iterator(dataset, consumed_samples: int, micro_batch_size: int, 
     loader = build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, dp_rank, dp_size,
                                            num_workers=num_workers, dataloader_type=dataloader_type,
                                            data_sharding=data_sharding)
-    return iter(loader)
+    return _one_line_errors(iter(loader)) if num_workers else iter(loader)
+
+
+def _one_line_errors(batches: Iterator[dict]) -> Iterator[dict]:
+    # A DataLoader worker's exception comes back with the worker's whole traceback as its
+    # message; a UserError (e.g. a token outside the vocabulary) keeps its one line.
+    try:
+        yield from batches
+    except UserError as err:
+        last = str(err).strip().splitlines()[-1]
+        raise UserError(last.split("UserError: ", 1)[-1]) from None

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import warnings
 
 import torch
 
@@ -173,11 +175,20 @@ class DeepSpeedOptimization:
         optimizer = None
         if "optimizer" not in self.config:  # a json "optimizer" section (e.g. for ZeRO-Offload) wins
             optimizer = build_adamw(model.parameters(), optimizer_config(train))
+        # DeepSpeed 0.19 calls torch's deprecated all_gather_into_tensor / reduce_scatter_tensor:
+        # torch's FutureWarning would print on every rank and no user can act on it.
+        warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
+                                category=FutureWarning)
+        # DeepSpeed asserts the launcher's variables; a single process started without a
+        # launcher (pretrain_gpt.py gave it a one-rank group) gets what a launcher would set.
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(name, value)
         # Weight-decay groups also when DeepSpeed builds the optimizer from the json.
         groups = weight_decay_groups(model.parameters(), train.weight_decay)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=groups,
-            lr_scheduler=lambda opt: LRScheduler(opt, schedule), mpu=DeepSpeedMPU(), config=self.config)
+            lr_scheduler=lambda opt: LRScheduler(opt, schedule), mpu=DeepSpeedMPU(), config=self.config,
+            dist_init_required=False)  # megagrow made the process group (a one-rank one for a single process)
         # ZeRO 1-3: forward through the engine, whose output hooks arm the ZeRO optimizer for the
         # backwards megagrow's schedule issues (ZeRO-2/3 reduce and partition gradients there).
         # ZeRO-0 has no ZeRO optimizer to arm, and without one DeepSpeed's hooks refuse every

@@ -219,20 +219,29 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
 
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self):
+        """SIGTERM (SLURM, torchrun) and SIGINT (Ctrl-C): save after this iteration and exit; a second one aborts.
+
+        Returns the function that puts the previous handlers back.
+        """
+        handled = (signal.SIGTERM, signal.SIGINT)
+        previous = {stop_signal: signal.getsignal(stop_signal) for stop_signal in handled}
+
+        def restore() -> None:
+            for stop_signal in handled:
+                signal.signal(stop_signal, previous[stop_signal])
+
         def request_stop(signum, _frame):
-            logger.warning("received signal %d: saving a checkpoint after this iteration, then exiting", signum)
+            if not dist.is_initialized() or dist.get_rank() == 0:  # every rank gets it: say it once
+                logger.warning("received %s: saving a checkpoint after this iteration, then exiting (send it again "
+                               "to stop at once)", signal.Signals(signum).name)
             self.stop_requested = True
+            restore()
 
         if self.train.exit_on_signal:
-            self._previous_handlers = {signal.SIGTERM: signal.signal(signal.SIGTERM, request_stop)}
-
-    def _remove_signal_handlers(self) -> None:
-        # The handler holds this Trainer: left installed, it would keep a finished phase's model and
-        # optimizer alive (in-run growth builds the grown one right after).
-        for signum, handler in getattr(self, "_previous_handlers", {}).items():
-            signal.signal(signum, handler)
-        self._previous_handlers = {}
+            for stop_signal in handled:
+                signal.signal(stop_signal, request_stop)
+        return restore
 
     def _stop_agreed(self) -> bool:
         return not self._all_ranks_agree(not self.stop_requested)  # any rank signalled
@@ -255,7 +264,13 @@ class Trainer:
 
     def run(self) -> TrainProgress:
         """Train until --train-iters, --exit-interval or a signal; evaluate, log and save on their intervals."""
-        self._install_signal_handlers()
+        restore_signal_handlers = self._install_signal_handlers()
+        try:
+            return self._train_loop()
+        finally:
+            restore_signal_handlers()
+
+    def _train_loop(self) -> TrainProgress:
         train = self.train
         window_losses: list[float] = []
         window_start, window_iters = time.perf_counter(), 0
@@ -282,7 +297,8 @@ class Trainer:
             save_now = train.save and train.save_interval and iteration % train.save_interval == 0
             if self._stop_agreed():
                 checkpoint_state.save(self) if train.save else None
-                logger.warning("stopped by signal at iteration %d", iteration)
+                if not dist.is_initialized() or dist.get_rank() == 0:
+                    logger.warning("stopped by signal at iteration %d", iteration)
                 break
             if leg_ends and iteration < self.train_iters:
                 checkpoint_state.save(self) if train.save else None
@@ -298,7 +314,6 @@ class Trainer:
                 checkpoint_state.save(self)
         if self.metrics is not None:
             self.metrics.close()
-        self._remove_signal_handlers()
         return self.progress
 
     def _log_train(self, losses, iters, elapsed, lr, result) -> None:
