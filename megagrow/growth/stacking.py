@@ -154,7 +154,8 @@ def _grown_file(grown: ModelConfig, model: dict[str, torch.Tensor], *, tp: int, 
     megagrow = {"config": {"model": asdict(grown), "parallel": asdict(ParallelConfig(tp=tp, pp=pp))},
                 "growth": record, "progress": progress, "scheduler": run["scheduler"], "optimizer": run["optimizer"]}
     return shard_file(with_extra_states(model, len(layers), last), args=args, iteration=progress["iteration"],
-                      megagrow=megagrow, rng=run["rng"], scheduler=run["opt_param_scheduler"])
+                      megagrow=megagrow, rng=run["rng"], scheduler=run["opt_param_scheduler"],
+                      flops_so_far=float(progress.get("consumed_flops", 0.0)))
 
 
 def stack_checkpoint(load: str | os.PathLike, save: str | os.PathLike, spec: GrowthSpec, *,
