@@ -183,7 +183,7 @@ def stack_checkpoint(load: str | os.PathLike, save: str | os.PathLike, spec: Gro
     describe_grown = grown_layer_reader(reader.describe_group, reader.config, spec)
     record = growth_record(spec, reader)
     bar = tqdm(total=tp * pp, desc=f"stacking x{spec.factor} into tp={tp} pp={pp}", unit="shard",
-               disable=not progress)
+               disable=None if progress else True)
 
     def where(tp_rank: int, pp_rank: int) -> dict:
         return {"tp": tp, "tp_rank": tp_rank, "first": pp_rank == 0, "last": pp_rank == pp - 1}

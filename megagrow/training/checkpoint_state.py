@@ -259,7 +259,8 @@ def load_weights(trainer) -> LoadedCheckpoint | None:
     root, train = trainer.train.load, trainer.train
     iteration = read_tracker(root)
     if iteration is None:  # (--exit-on-missing-checkpoint stopped the run earlier, in pretrain_gpt.py)
-        logger.warning("--load %s holds no checkpoint yet; training from scratch", root)
+        # info, printed by rank 0 alone: a first launch with --load = --save is the normal case
+        logger.info("--load %s holds no checkpoint yet; training from scratch", root)
         return None
     refuse_deepspeed_format(root)
     own = _own_shard(trainer, root, iteration)
