@@ -14,7 +14,7 @@ from megagrow.training.trainer import micro_batches_per_step
 RECIPE = Path(__file__).resolve().parent.parent / "examples" / "gstack_7b"
 
 
-@pytest.mark.parametrize("yaml_name, layers, tp", [("base.yaml", 8, 1), ("grown.yaml", 32, 2)])
+@pytest.mark.parametrize("yaml_name, layers, tp", [("base.yaml", 8, 1), ("grown.yaml", 32, 2), ("in_run.yaml", 8, 2)])
 @pytest.mark.parametrize("ds_json", ["ds_zero1.json", "ds_zero2.json", "ds_zero3_offload.json"])
 def test_recipe_configs_parse_for_64_gpus(monkeypatch, yaml_name, layers, tp, ds_json):
     monkeypatch.setenv("WORLD_SIZE", "64")
@@ -34,6 +34,17 @@ def test_grown_model_is_llama2_7b_and_base_a_quarter_of_its_layers(monkeypatch):
     assert num_parameters(grown) == 6_738_415_616
     assert grown.num_layers == 4 * base.num_layers
     assert base.replace(num_layers=grown.num_layers) == grown
+
+
+def test_in_run_recipe_grows_the_base_into_llama2_7b_at_10b_tokens(monkeypatch):
+    from megagrow.growth.in_run import growth_iteration, phase_configs
+
+    monkeypatch.setenv("WORLD_SIZE", "64")
+    config = parse_args(["--config", str(RECIPE / "in_run.yaml"), "--mock-data", "--save", "ckpt"])
+    base_train, grown_model, grown_train = phase_configs(config.model, config.train)
+    assert num_parameters(grown_model) == 6_738_415_616 and config.train.stack_optimizer_state
+    assert growth_iteration(config.train, 2048) == base_train.train_iters == 4769  # 10B / 2M tokens, rounded up
+    assert grown_train.train_iters == 143052 and base_train.lr_decay_iters == grown_train.lr_decay_iters == 143052
 
 
 def test_json_files_are_valid_json():

@@ -73,15 +73,55 @@ def _module(path):
     return module
 
 
-def test_quickstart_summary_sentences_say_what_happened(tmp_path):
+def _legs(path, points):
+    """A metrics file with a train and a valid record per (iteration, validation loss, FLOPs so far); 100 tokens an
+    iteration."""
+    from megagrow.training.metrics import MetricsWriter
+
+    writer = MetricsWriter(path)
+    for step, loss, flops in points:
+        record = {"loss": loss, "consumed_tokens": step * 100, "consumed_flops": flops, "tokens_per_second": 1.0,
+                  "perplexity": 2.0}
+        writer.write("train", step, record)
+        writer.write("valid", step, record)
+    writer.close()
+    return path
+
+
+def test_quickstart_summary_sentences_say_what_happened(tmp_path, capsys):
+    # The base's tokens cost 1 FLOP each, the grown (and scratch) model's 2: the sentence gives both shares.
+    base = _legs(tmp_path / "base.jsonl", [(10, 5.0, 1000), (20, 4.6, 2000)])
+    grown = _legs(tmp_path / "grown.jsonl", [(30, 4.0, 4000), (40, 3.5, 6000)])
+    scratch = [_legs(tmp_path / f"scratch{seed}.jsonl", [(10, 4.9, 2000), (20, 4.3, 4000), (40, final, 8000)])
+               for seed, final in ((1, 3.8), (2, 3.9))]
+    grown_seed2 = _legs(tmp_path / "grown2.jsonl", [(10, 5.0, 1000), (20, 4.6, 2000), (30, 4.2, 4000), (40, 3.7, 6000)])
     report = _module("examples/quickstart_report.py")
-    scratch = [(100_000, 5.0), (409_600, 4.0)]
-    assert report.growth_verdict([(100_000, 4.5), (300_000, 3.9)], scratch) == (
-        "Base then grown reached the scratch run's final validation loss (4.0000) after 266,667 tokens, where "
-        "scratch needed 409,600: 34.9% fewer tokens.")
-    assert report.growth_verdict([(100_000, 4.8), (409_600, 4.2)], scratch) == (
-        "Base then grown did not reach the scratch run's final validation loss (4.0000) within the same 409,600 "
-        "tokens; its own last validation loss is 4.2000.")
+    report.main(["--base", str(base), "--grown", str(grown), "--scratch", str(scratch[0]),
+                 "--seed-pairs", str(grown_seed2), str(scratch[1]),
+                 "--plot", str(tmp_path / "loss.png"), "--summary", str(tmp_path / "summary.md")])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| base | 2,000 | 2e+03 | 20 | 4.6000 | 4.6000 |" in summary
+    assert "| scratch | 4,000 | 8e+03 | 40 | 3.8000 | 3.8000 |" in summary
+    # 3.8 lies 3/5 of the way from 4.0 (3,000 tokens, 4,000 FLOPs) to 3.5 (4,000 tokens, 6,000 FLOPs)
+    assert ("The grown run (base, then grown) reaches scratch's final validation loss 3.8000 with 3,400 tokens (85% of scratch's 4,000 "
+            "tokens) and 4.8e+03 FLOPs (60% of scratch's 8e+03 FLOPs).") in summary
+    # the second seed: 3.9 lies 3/5 of the way from 4.2 (3,000 tokens, 4,000 FLOPs) to 3.7 (4,000, 6,000)
+    assert ("Over 2 seeds (a grown and a scratch run each) the grown run reaches scratch's final validation loss with "
+            "85%-90% of its tokens and 60%-65% of its FLOPs; scratch's final loss moves by 0.1000 between seeds, the "
+            "grown-minus-scratch gap lies between -0.3000 and -0.2000.") in summary
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    capsys.readouterr()
+    summarize = _module("tools/metrics_summary.py")
+    summarize.main([str(base), str(grown), "--compare", str(scratch[0]), "--label", "grown",
+                    "--compare-label", "scratch"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["iteration", "tokens", "FLOPs", "train", "loss", "tok/s"]
+    assert lines[-1].startswith("grown reaches scratch's final validation loss 3.8000 with 3,400 tokens (85%")
+    assert "training loss 5.0000 at iteration 10 -> 3.5000 at iteration 40" in lines
+
+
+def test_a_resumed_leg_names_both_ends(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     from megagrow.training.metrics import MetricsWriter
 

@@ -48,6 +48,7 @@ def test_no_bos_is_added_and_text_round_trips(tokenizer, small_corpus):
 
 def test_same_ids_vocab_and_eod_as_megatron_core(tokenizer, tiny_hf_tokenizer_dir, small_corpus):
     pytest.importorskip("transformers")
+    pytest.importorskip("megatron.core")
     from megatron.core.tokenizers import MegatronTokenizer  # megatron-core 0.16's default tokenizer system
 
     reference = MegatronTokenizer.from_pretrained(tokenizer_path=str(tiny_hf_tokenizer_dir),

@@ -154,7 +154,7 @@ def test_megagrow_reads_megatron_core_checkpoints_with_equal_logits(megatron_che
     assert reader.config == config
     torch.testing.assert_close(_megagrow_logits(config, reader.state_dict()), results[0][0], **TOLERANCE)
     assert reader.run_position().progress == {"iteration": 10, "consumed_samples": 80, "skipped_steps": 0,
-                                              "consecutive_skipped_steps": 0}
+                                              "consecutive_skipped_steps": 0, "consumed_flops": 0.0}
     assert reader.run_position().scheduler_steps == 10
 
 

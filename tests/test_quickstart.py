@@ -41,4 +41,4 @@ def test_quickstart_runs_end_to_end(tmp_path):
     # 8: the report
     summary = (out / "summary.md").read_text()
     assert "base: 2 layers, pp=2" in summary and "grown x2: 4 layers, tp=2" in summary and "scratch" in summary
-    assert (out / "loss_vs_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "loss_vs_tokens_and_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # G_stack on CPU: a 2-layer base grown x2 and x4 during training, beside scratch runs of the
-# 4- and 8-layer models with the same total tokens; writes loss-vs-tokens.png and a table.
-#   bash examples/gstack_cpu/run.sh            (about 10 minutes on 2 idle cores)
+# 4- and 8-layer models with the same total tokens; writes a table (tokens and FLOPs to reach scratch) and
+# loss_vs_tokens_and_flops.png.
+#   bash examples/gstack_cpu/run.sh            (about 2 minutes on 2 idle cores)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -39,5 +40,5 @@ python tools/stack_checkpoint.py --load "$OUT/runs/gstack_x2" --iteration "$GROW
 grep '"kind": "valid"' "$OUT/runs/gstack_x2.jsonl" | head -n $(( GROW_ITERS / EVAL_INTERVAL )) > "$OUT/runs/gstack_x4.jsonl"
 train gstack_x4 8 --load "$OUT/runs/gstack_x4" --save "$OUT/runs/gstack_x4"
 
-python examples/gstack_cpu/report.py --runs "$OUT/runs" --tokens-per-iteration "$TOKENS_PER_ITER" \
-    --grow-iteration "$GROW_ITERS" --plot "$OUT/loss_vs_tokens.png"
+python examples/gstack_cpu/report.py --runs "$OUT/runs" \
+    --grow-iteration "$GROW_ITERS" --plot "$OUT/loss_vs_tokens_and_flops.png"

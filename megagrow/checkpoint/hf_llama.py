@@ -266,7 +266,8 @@ def save_hf(directory: str | os.PathLike, config: ModelConfig, read_group: Group
             files.append(sorted(pending))
             pending, pending_bytes = {}, 0
 
-    for group in tqdm(group_keys(config), desc="writing HF weights", unit="group", disable=not progress):
+    # disable=None: a bar on a terminal, none in a log file (tqdm checks isatty)
+    for group in tqdm(group_keys(config), desc="writing HF weights", unit="group", disable=None if progress else True):
         tensors = to_hf_tensors(read_group(group), config)
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         if pending and pending_bytes + size > max_shard_bytes:

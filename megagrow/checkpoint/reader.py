@@ -125,7 +125,9 @@ def run_position_of(common: dict, origin: str, iteration: Iteration) -> RunPosit
     args = common["args"]
     progress = {"iteration": int(common["iteration"]),
                 "consumed_samples": int(getattr(args, "consumed_train_samples", 0) or 0),
-                "skipped_steps": 0, "consecutive_skipped_steps": 0}
+                "skipped_steps": 0, "consecutive_skipped_steps": 0,
+                # Megatron-LM counts its own FLOPs (attention included); the nearest record of the run's compute.
+                "consumed_flops": float(common.get("num_floating_point_operations_so_far") or 0.0)}
     scheduler, batch = common.get("opt_param_scheduler"), getattr(args, "global_batch_size", None)
     steps = scheduler_steps(scheduler, batch) if scheduler and batch else None
     return RunPosition(progress, steps)

@@ -162,7 +162,7 @@ def save_sharded(root: str | os.PathLike, iteration: Iteration, config: ModelCon
     validate_parallel(config, ParallelConfig(tp=tp, pp=pp))
     stages = partition_layers(config.num_layers, pp, layers_per_stage, "--target-pipeline-parallel-size")
     bar = tqdm(total=tp * pp, desc=f"writing tp={tp} pp={pp} {ckpt_format} shards", unit="shard",
-               disable=not progress)
+               disable=None if progress else True)
 
     def where(tp_rank: int, pp_rank: int) -> dict:
         return {"tp": tp, "tp_rank": tp_rank, "first": pp_rank == 0, "last": pp_rank == pp - 1}

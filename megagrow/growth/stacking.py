@@ -154,7 +154,8 @@ def _grown_file(grown: ModelConfig, model: dict[str, torch.Tensor], *, tp: int, 
     megagrow = {"config": {"model": asdict(grown), "parallel": asdict(ParallelConfig(tp=tp, pp=pp))},
                 "growth": record, "progress": progress, "scheduler": run["scheduler"], "optimizer": run["optimizer"]}
     return shard_file(with_extra_states(model, len(layers), last), args=args, iteration=progress["iteration"],
-                      megagrow=megagrow, rng=run["rng"], scheduler=run["opt_param_scheduler"])
+                      megagrow=megagrow, rng=run["rng"], scheduler=run["opt_param_scheduler"],
+                      flops_so_far=float(progress.get("consumed_flops", 0.0)))
 
 
 def stack_checkpoint(load: str | os.PathLike, save: str | os.PathLike, spec: GrowthSpec, *,
@@ -182,7 +183,7 @@ def stack_checkpoint(load: str | os.PathLike, save: str | os.PathLike, spec: Gro
     describe_grown = grown_layer_reader(reader.describe_group, reader.config, spec)
     record = growth_record(spec, reader)
     bar = tqdm(total=tp * pp, desc=f"stacking x{spec.factor} into tp={tp} pp={pp}", unit="shard",
-               disable=not progress)
+               disable=None if progress else True)
 
     def where(tp_rank: int, pp_rank: int) -> dict:
         return {"tp": tp, "tp_rank": tp_rank, "first": pp_rank == 0, "last": pp_rank == pp - 1}

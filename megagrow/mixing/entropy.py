@@ -92,7 +92,7 @@ def token_sample(dataset: IndexedDataset, max_tokens: int, seed: int = 0, progre
     # written source by source (e.g. all of one repository, then the next) is sampled evenly.
     order = np.random.default_rng(seed).permutation(dataset.num_documents)
     pieces, starts, taken = [], [], 0
-    bar = tqdm(total=min(max_tokens, dataset.num_tokens), unit="tok", unit_scale=True, disable=not progress, leave=False)
+    bar = tqdm(total=min(max_tokens, dataset.num_tokens), unit="tok", unit_scale=True, disable=None if progress else True, leave=False)
     for document_id in order:
         tokens = dataset.document(int(document_id))[: max_tokens - taken]
         if tokens.size == 0:

@@ -147,7 +147,7 @@ def _save_torch(trainer) -> None:
     megatron = _megatron_entries(trainer)
     shard = shard_file(_stage_state(weights, trainer), args=megatron["args"], iteration=trainer.progress.iteration,
                        megagrow=_megagrow_record(trainer, optimizer), rng=megatron["rng"],
-                       scheduler=megatron.get("scheduler"))
+                       scheduler=megatron.get("scheduler"), flops_so_far=trainer.progress.consumed_flops)
     save_checkpoint(trainer.train.save, trainer.progress.iteration, shard, tp_rank=state.tp_rank(),
                     pp_rank=state.pp_rank(), pp_size=state.pp_size(), writes=_writes_shard)
 
@@ -195,6 +195,7 @@ def _save_torch_dist(trainer) -> None:
             "loss_scaler": optimizer["loss_scaler"]}
         common = {"args": megatron["args"], "checkpoint_version": 3.0, "iteration": trainer.progress.iteration,
                   "opt_param_scheduler": megatron.get("scheduler"),
+                  "num_floating_point_operations_so_far": trainer.progress.consumed_flops,
                   MEGAGROW_KEY: {"format_version": 2, **_megagrow_record(trainer, steps)}}
         if rank == 0:
             torch_dist.write_metadata(tmp_dir, [r for rank_records in gathered for r in rank_records], common)
@@ -258,7 +259,8 @@ def load_weights(trainer) -> LoadedCheckpoint | None:
     root, train = trainer.train.load, trainer.train
     iteration = read_tracker(root)
     if iteration is None:  # (--exit-on-missing-checkpoint stopped the run earlier, in pretrain_gpt.py)
-        logger.warning("--load %s holds no checkpoint yet; training from scratch", root)
+        # info, printed by rank 0 alone: a first launch with --load = --save is the normal case
+        logger.info("--load %s holds no checkpoint yet; training from scratch", root)
         return None
     refuse_deepspeed_format(root)
     own = _own_shard(trainer, root, iteration)

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megagrow.config import DataConfig, ModelConfig, ParallelConfig, TrainConfig, training_flops_per_token
+from megagrow.config import (
+    DataConfig,
+    ModelConfig,
+    ParallelConfig,
+    TrainConfig,
+    num_parameters,
+    training_flops_per_token,
+)
 from megagrow.errors import UserError
 from megagrow.model.llama import LlamaModel
 from megagrow.parallel import state
@@ -50,6 +57,9 @@ class TrainProgress:
     consumed_samples: int = 0
     skipped_steps: int = 0
     consecutive_skipped_steps: int = 0
+    # Training FLOPs so far, 6 N per token with N the parameters of the model trained at the time: a grown
+    # run carries its base's, so runs compare at equal compute, not only at equal tokens.
+    consumed_flops: float = 0.0
 
 
 def resolve_train_iters(train: TrainConfig, seq_length: int) -> int:
@@ -105,6 +115,7 @@ class Trainer:
         self.position = current_stage_position()
         self.comm = PipelineCommunicator(self.position, activation_shape, self.model_config.torch_dtype, self.device)
         self.flops_per_token = training_flops_per_token(model_config)
+        self.compute_per_token = 6 * num_parameters(model_config)  # the 6 N of consumed_flops
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.peak_tflops = peak_tflops(device_name, train.peak_tflops)
         if start is not None:
@@ -279,6 +290,7 @@ class Trainer:
             loss, result = self.train_step()
             self.progress.iteration += 1
             self.progress.consumed_samples += train.global_batch_size
+            self.progress.consumed_flops += self.compute_per_token * train.global_batch_size * self.model_config.seq_length
             self._account(result)
             self.losses.append((self.progress.iteration, loss))
             if math.isfinite(loss):
@@ -326,6 +338,7 @@ class Trainer:
         values = {
             "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
             "consumed_tokens": self.progress.consumed_samples * self.model_config.seq_length,
+            "consumed_flops": self.progress.consumed_flops,
             "tokens_per_second": speed.tokens_per_second, "tflops_per_device": speed.tflops_per_device,
             "skipped_steps": self.progress.skipped_steps, "memory_gb": peak_memory_gb(self.device),
         }
@@ -346,7 +359,8 @@ class Trainer:
         loss = result["loss"]
         perplexity = math.exp(min(loss, 50.0))
         tokens = self.progress.consumed_samples * self.model_config.seq_length  # to compare runs of other batch sizes
-        self.metrics.write("valid", self.progress.iteration, {"perplexity": perplexity, "consumed_tokens": tokens, **result})
+        self.metrics.write("valid", self.progress.iteration, {"perplexity": perplexity, "consumed_tokens": tokens,
+                                                              "consumed_flops": self.progress.consumed_flops, **result})
         domains = "".join(f" | {name} {value:.4f}" for name, value in result.get("domain_losses", {}).items())
         logger.info("validation at iteration %d | loss %.4f | perplexity %.2f%s", self.progress.iteration, loss,
                     perplexity, domains)
