@@ -7,6 +7,8 @@ True)` plus an explicit allowlist of the plain classes these formats pickle:
     argparse.Namespace        Megatron-LM's `args`
     numpy arrays and dtypes   the numpy RNG state inside Megatron's `rng_state`
     io.BytesIO                Transformer Engine's `_extra_state` in older Megatron-LM files
+    builtins.getattr          only as `getattr(EnumClass, "MEMBER")`, how Python 3.11.0-3.11.4
+                              pickle enum members; read as a record of the member's name
     megatron.* classes        enums in `args` (ModelType, AttnBackend, ...); they are NOT
                               imported: each is read into a `MegatronObject` record holding
                               the class name and the values it was built from, so no code of
@@ -24,9 +26,11 @@ resolves exactly those classes.
 from __future__ import annotations
 
 import argparse
+import enum
 import io
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,7 @@ class MegatronObject:
     """A stand-in for an object of a foreign class (a Megatron enum, a DeepSpeed record): its name and values, no behaviour."""
 
     qualified_name = ""
+    member_name: str | None = None  # set for an enum member pickled by name (see enum_member_record)
 
     def __init__(self, *args: Any, **kwargs: Any):
         self.args, self.kwargs, self.state = args, kwargs, None
@@ -62,18 +67,40 @@ class MegatronObject:
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, MegatronObject) and other.qualified_name == self.qualified_name
-                and other.args == self.args and other.state == self.state)
+                and other.args == self.args and other.state == self.state and other.member_name == self.member_name)
 
     def __hash__(self) -> int:
-        return hash((self.qualified_name, repr(self.args)))
+        return hash((self.qualified_name, repr(self.args), self.member_name))
 
     def __repr__(self) -> str:
-        return f"{self.qualified_name}{self.args!r}"
+        return f"{self.qualified_name}.{self.member_name}" if self.member_name else f"{self.qualified_name}{self.args!r}"
 
 
 def _stand_in(qualified_name: str) -> type:
     # One subclass per foreign name, so two enums of different classes never compare equal.
     return type(qualified_name.rsplit(".", 1)[-1], (MegatronObject,), {"qualified_name": qualified_name})
+
+
+def enum_member_record(cls: Any, name: Any) -> Any:
+    """Stands in for `builtins.getattr` in a checkpoint: `getattr(ForeignEnum, "MEMBER")` becomes that member.
+
+    Python 3.11.0-3.11.4 pickle enum members as that call, so Megatron-LM's `args` and DeepSpeed's
+    ZeRO stage written under those versions hold it. Only a string name is accepted, on a stand-in
+    class (the result is a record naming the member) or, where torch's loader resolved the class to
+    the installed one, on a foreign Enum class (a lookup in its members, no attribute access).
+    """
+    if isinstance(name, str) and isinstance(cls, type):
+        if issubclass(cls, MegatronObject):
+            member = cls()
+            member.member_name = name
+            return member
+        if (issubclass(cls, enum.Enum) and _foreign_record(f"{cls.__module__}.{cls.__qualname__}")
+                and name in cls.__members__):
+            return cls.__members__[name]
+    raise pickle.UnpicklingError(f"getattr({cls!r}, {name!r}) is not an enum member of an allowed class")
+
+
+_NOT_A_MEMBER = re.compile(r"(getattr\(.*\)) is not an enum member of an allowed class")
 
 
 def _numpy_globals() -> list:
@@ -85,7 +112,7 @@ def _numpy_globals() -> list:
     return names + [(reconstruct, "numpy.core.multiarray._reconstruct"), (reconstruct, "numpy._core.multiarray._reconstruct")]
 
 
-_PLAIN_GLOBALS = [argparse.Namespace, io.BytesIO, *_numpy_globals()]
+_PLAIN_GLOBALS = [argparse.Namespace, io.BytesIO, *_numpy_globals(), (enum_member_record, "builtins.getattr")]
 
 
 def plain_globals():
@@ -137,6 +164,10 @@ def load_file(path: str | os.PathLike, *, mmap: bool = False) -> Any:
         with torch.serialization.safe_globals(_PLAIN_GLOBALS + stand_ins):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - pickle/zip errors: the file is damaged
+        refused = _NOT_A_MEMBER.search(str(err))
+        if refused:
+            raise UserError(f"{path}: refused, it calls {refused.group(1)}, not on an enum member; such calls can run "
+                            f"code, and megagrow loads only tensors and plain data (delete or re-create the file)") from None
         raise UserError(f"{path}: cannot be loaded ({_first_line(err)}); the file is damaged or truncated") from None
 
 
@@ -169,15 +200,27 @@ _DCP_CLASSES = {
     ("torch", "Size"), ("torch", "strided"), ("torch", "contiguous_format"), ("torch", "preserve_format"),
     ("torch", "channels_last"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
     ("enum", "Enum"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),  # StorageMeta.checkpoint_id of a plain dcp.save
 } | {("torch", name) for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8",
                                  "uint8", "bool", "float8_e4m3fn", "float8_e5m2")}
 
 
 class _DCPMetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        if (module, name) == ("builtins", "getattr"):
+            return _dcp_enum_member
         if (module, name) not in _DCP_CLASSES:
             raise pickle.UnpicklingError(f"it would import {module}.{name}")
         return super().find_class(module, name)
+
+
+def _dcp_enum_member(cls: Any, name: Any) -> enum.Enum:
+    # getattr(TorchEnum, "MEMBER"), as Python 3.11.0-3.11.4 pickle enum members: only a member of
+    # one of the allowed torch enums, by name.
+    if not (isinstance(cls, type) and issubclass(cls, enum.Enum) and (cls.__module__, cls.__qualname__) in _DCP_CLASSES
+            and isinstance(name, str) and name in cls.__members__):
+        raise pickle.UnpicklingError(f"getattr({cls!r}, {name!r}) is not a member of an allowed enum")
+    return cls[name]
 
 
 def load_dcp_metadata(path: str | os.PathLike) -> Any:
