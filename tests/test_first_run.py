@@ -103,8 +103,8 @@ def test_quickstart_summary_sentences_say_what_happened(tmp_path, capsys):
     assert "| base | 2,000 | 2e+03 | 20 | 4.6000 | 4.6000 |" in summary
     assert "| scratch | 4,000 | 8e+03 | 40 | 3.8000 | 3.8000 |" in summary
     # 3.8 lies 3/5 of the way from 4.0 (3,000 tokens, 4,000 FLOPs) to 3.5 (4,000 tokens, 6,000 FLOPs)
-    assert ("The grown run (base, then grown) reaches scratch's final validation loss 3.8000 with 3,400 tokens (85% of scratch's 4,000 "
-            "tokens) and 4.8e+03 FLOPs (60% of scratch's 8e+03 FLOPs).") in summary
+    assert ("The grown run (base, then grown) reaches scratch's final validation loss 3.8000 with 3,400 tokens (85% of "
+            "scratch's 4,000 tokens) and 4.8e+03 FLOPs (60% of scratch's 8e+03 FLOPs).") in summary
     # the second seed: 3.9 lies 3/5 of the way from 4.2 (3,000 tokens, 4,000 FLOPs) to 3.7 (4,000, 6,000)
     assert ("Over 2 seeds (a grown and a scratch run each) the grown run reaches scratch's final validation loss with "
             "85%-90% of its tokens and 60%-65% of its FLOPs; scratch's final loss moves by 0.1000 between seeds, the "

@@ -14,7 +14,8 @@ def test_quickstart_runs_end_to_end(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "qs"
     env = dict(os.environ, OUT=str(out), BYTES_PER_DOMAIN="150000", VOCAB_SIZE="1000", ITERS="8", GROW_AT="4",
-               EVAL_INTERVAL="2", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+               EVAL_INTERVAL="2", SEEDS="2",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     result = subprocess.run(["bash", os.path.join(ROOT, "examples", "quickstart_cpu.sh")], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -41,4 +42,9 @@ def test_quickstart_runs_end_to_end(tmp_path):
     # 8: the report
     summary = (out / "summary.md").read_text()
     assert "base: 2 layers, pp=2" in summary and "grown x2: 4 layers, tp=2" in summary and "scratch" in summary
+    assert "training FLOPs at its end" in summary and "scratch's final validation loss" in summary
+    # SEEDS=2: a second grown/scratch pair (growth inside the run) and how the comparison moves between seeds
+    second_grown = out / "grown_seed1235" / "checkpoints" / "grown"
+    assert (second_grown / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
+    assert "Over 2 seeds (a grown and a scratch run each)" in summary
     assert (out / "loss_vs_tokens_and_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -73,7 +73,9 @@ class MegatronObject:
         return hash((self.qualified_name, repr(self.args), self.member_name))
 
     def __repr__(self) -> str:
-        return f"{self.qualified_name}.{self.member_name}" if self.member_name else f"{self.qualified_name}{self.args!r}"
+        if self.member_name:
+            return f"{self.qualified_name}.{self.member_name}"
+        return f"{self.qualified_name}{self.args!r}"
 
 
 def _stand_in(qualified_name: str) -> type:
@@ -166,8 +168,9 @@ def load_file(path: str | os.PathLike, *, mmap: bool = False) -> Any:
     except Exception as err:  # noqa: BLE001 - pickle/zip errors: the file is damaged
         refused = _NOT_A_MEMBER.search(str(err))
         if refused:
-            raise UserError(f"{path}: refused, it calls {refused.group(1)}, not on an enum member; such calls can run "
-                            f"code, and megagrow loads only tensors and plain data (delete or re-create the file)") from None
+            raise UserError(f"{path}: refused, it calls {refused.group(1)}, not on an enum member; such calls can "
+                            f"run code, and megagrow loads only tensors and plain data (delete or re-create the file)"
+                            ) from None
         raise UserError(f"{path}: cannot be loaded ({_first_line(err)}); the file is damaged or truncated") from None
 
 
