@@ -19,7 +19,7 @@ def _flags(data_prefix, tp=1, pp=1, extra=()):
     return ["--model-preset", "tiny", "--num-layers", "4", "--seq-length", "32", "--vocab-size", "1000",
             "--data-path", data_prefix, "--split", "1,0,0", "--micro-batch-size", "2", "--global-batch-size", "8",
             "--train-iters", str(STEPS), "--lr", "3e-3", "--lr-warmup-iters", "2", "--clip-grad", "1.0",
-            "--log-interval", "100", "--eval-interval", "0", "--tensor-model-parallel-size", str(tp),
+            "--log-interval", "1", "--eval-interval", "0", "--tensor-model-parallel-size", str(tp),
             "--pipeline-model-parallel-size", str(pp), *extra]
 
 
@@ -34,7 +34,23 @@ def data_prefix(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def native(tmp_path_factory, data_prefix):
-    return run_distributed(_train, 1, _flags(data_prefix), 1, str(tmp_path_factory.mktemp("native")))[0]
+    metrics_dir = tmp_path_factory.mktemp("native")
+    losses = run_distributed(_train, 1, _flags(data_prefix), 1, str(metrics_dir))[0]
+    return Losses(losses, _grad_norms(metrics_dir))
+
+
+class Losses(list):
+    """The native run's per-iteration losses, with its gradient norms beside them."""
+
+    def __init__(self, losses, grad_norms):
+        super().__init__(losses)
+        self.grad_norms = grad_norms
+
+
+def _grad_norms(metrics_dir):
+    from megagrow.training.metrics import read_metrics
+
+    return [record["grad_norm"] for record in read_metrics(f"{metrics_dir}/metrics.jsonl", "train")]
 
 
 @pytest.mark.parametrize(
@@ -50,6 +66,8 @@ def test_zero_matches_native_losses(native, data_prefix, tmp_path, stage, tp, pp
     assert native[-1] < native[0]
     for losses in results:
         assert losses == pytest.approx(native, rel=1e-4)
+    # the norm before clipping, as Megatron logs it: ZeRO-0's engine keeps none, megagrow measures it
+    assert _grad_norms(tmp_path) == pytest.approx(native.grad_norms, rel=1e-4)
 
 
 # ZeRO-0 is the slow case here (bf16 gradients in .grad); ZeRO-2 keeps bf16 with ZeRO in the default run.

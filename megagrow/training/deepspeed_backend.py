@@ -31,6 +31,7 @@ import torch
 from megagrow.config import ParallelConfig, TrainConfig
 from megagrow.errors import UserError
 from megagrow.parallel import state
+from megagrow.training.clip_grads import global_grad_norm
 from megagrow.training.lr_schedule import LRScheduler
 from megagrow.training.mixed_precision import StepResult
 from megagrow.training.deepspeed_state import load_model_space_record, model_space_record, stage_weights
@@ -196,6 +197,9 @@ class DeepSpeedOptimization:
         # backward from its output gradient cannot be. Nothing needs to run during a ZeRO-0
         # backward anyway: with unmanaged accumulation engine.step() all-reduces .grad over dp.
         self.forward_model = self.engine if self.zero_stage > 0 else self.engine.module
+        self._measured_norm: float | None = None
+        if self.zero_stage == 0:
+            self._measure_norm_after_reduce()
         logger.info("DeepSpeed engine: ZeRO stage %d, %s, optimizer %s", self.zero_stage, train.precision,
                     type(self.optimizer).__name__)
 
@@ -215,10 +219,26 @@ class DeepSpeedOptimization:
         if self.zero_stage <= 1:
             sum_replicated_grads(self.model, self.tie_embeddings, "grad")
         scale = self.loss_scale
+        self._measured_norm = None
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self._measured_norm
         norm = float(norm) if norm is not None else float("nan")
         return StepResult(norm, not self.engine.was_step_applied(), scale)
+
+    def _measure_norm_after_reduce(self) -> None:
+        """ZeRO-0 keeps no gradient norm (its fp32 clipping discards it): measure it where engine.step() has just
+        averaged .grad over dp and not yet clipped, as Megatron reports it."""
+        reduce = self.engine.allreduce_gradients
+        params = [p for p in self.model.parameters() if p.requires_grad]
+
+        def reduce_then_measure(*args, **kwargs):
+            reduce(*args, **kwargs)
+            self._measured_norm = global_grad_norm([(p, p.grad) for p in params if p.grad is not None],
+                                                   sharded_over_dp=False)
+
+        self.engine.allreduce_gradients = reduce_then_measure
 
     def skip_counts(self, result: StepResult) -> bool:
         """fp16 overflows are the engine's business while its scale can back off."""
