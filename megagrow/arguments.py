@@ -21,6 +21,7 @@ from megagrow.config import (DataConfig, ModelConfig, ParallelConfig, TrainConfi
 from megagrow.errors import UserError
 from megagrow.megatron_flags import add_megatron_flags, check_megatron_flags, samples_to_iterations
 from megagrow.model.recompute import LayerRecompute
+from megagrow.training.lr_schedule import DECAY_STYLES, WD_INCR_STYLES, WSD_DECAY_STYLES
 from megagrow.parallel.pipeline import partition_layers
 
 logger = logging.getLogger("megagrow")
@@ -155,12 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
                        ("--initial-loss-scale", float), ("--min-loss-scale", float), ("--loss-scale-window", int),
                        ("--hysteresis", int)):
         g.add_argument(flag, type=kind)
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"])
+    g.add_argument("--lr-decay-style", choices=list(DECAY_STYLES),
+                   help="after warm-up (default cosine); WSD: stable, then annealed over --lr-wsd-decay-iters")
+    g.add_argument("--lr-warmup-init", type=float, help="learning rate of the first warm-up step (default 0)")
+    g.add_argument("--lr-wsd-decay-style", choices=list(WSD_DECAY_STYLES),
+                   help="shape of WSD's annealing phase (default exponential)")
+    g.add_argument("--lr-wsd-decay-iters", type=int, help="length of WSD's annealing phase, at the end of the decay")
+    g.add_argument("--lr-wsd-decay-samples", type=int, help="as --lr-wsd-decay-iters, in samples of whole batches")
+    g.add_argument("--start-weight-decay", type=float, help="weight decay at the start (with an increment style)")
+    g.add_argument("--end-weight-decay", type=float, help="weight decay at the end of the run")
+    g.add_argument("--weight-decay-incr-style", choices=list(WD_INCR_STYLES),
+                   help="how weight decay rises from start to end (default constant: --weight-decay throughout)")
     g.add_argument("--optimizer", help="adam: AdamW with decoupled weight decay, as Megatron's adam (sgd is refused)")
     g.add_argument("--train-samples", type=int, help="run length in samples (a whole number of global batches)")
     g.add_argument("--lr-decay-samples", type=int, help="as --lr-decay-iters, in samples of whole global batches")
     g.add_argument("--lr-warmup-samples", type=int, help="as --lr-warmup-iters, in samples of whole global batches")
-    g.add_argument("--lr-warmup-fraction", type=float, help="warm-up as a fraction of the decay iterations")
+    g.add_argument("--lr-warmup-fraction", type=float,
+                   help="warm-up as a fraction of the decay (need not be a whole number of iterations)")
     g.add_argument("--bf16", action="store_true", help="bf16 compute, fp32 master weights and gradient accumulation")
     g.add_argument("--fp16", action="store_true", help="fp16 compute with dynamic loss scaling, fp32 master weights")
     g = p.add_argument_group("memory and speed (results unchanged)")
@@ -390,6 +402,12 @@ def _require_vocabulary(values: dict) -> None:
                     "or --vocab-size N (a preset's or the default 32000 would only be a guess)")
 
 
+def _warmup(train: TrainConfig) -> str:
+    if train.lr_warmup_fraction is not None:
+        return f"{train.lr_warmup_fraction:g} of the decay"
+    return f"{train.lr_warmup_iters}"
+
+
 def describe(config: RunConfig) -> list[str]:
     """The run's settings for the start-up log: one line per fact, none for features the run does not use."""
     model, parallel, train, data = config.model, config.parallel, config.train, config.data
@@ -406,7 +424,7 @@ def describe(config: RunConfig) -> list[str]:
         ", DeepSpeed" if train.deepspeed else "")
     lines.append(f"training: {length} of {train.global_batch_size} x {model.seq_length} tokens (micro-batch "
                  f"{train.micro_batch_size}), lr {train.lr:g} -> {train.min_lr:g} {train.lr_decay_style}, warm-up "
-                 f"{train.lr_warmup_iters}, {train.precision}{backend}")
+                 f"{_warmup(train)}, {train.precision}{backend}")
     if data.mock_data:
         lines.append("data: random tokens (--mock-data)")
     else:

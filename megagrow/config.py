@@ -210,9 +210,20 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr: float = 0.0
     lr_warmup_iters: int = 0
+    lr_warmup_fraction: float | None = None  # warm-up as a fraction of the decay (wins over lr_warmup_iters)
+    lr_warmup_init: float = 0.0
     lr_decay_iters: int | None = None  # None: decay over the whole run
     lr_decay_style: str = "cosine"
+    lr_wsd_decay_iters: int | None = None  # WSD: length of the final annealing phase
+    lr_wsd_decay_style: str = "exponential"
     weight_decay: float = 0.1
+    # Weight decay rising over the run (Megatron's); "constant" keeps weight_decay throughout.
+    start_weight_decay: float | None = None
+    end_weight_decay: float | None = None
+    weight_decay_incr_style: str = "constant"
+    # The whole run's length when this config is one phase of it (in-run growth), so that the
+    # schedules span the run; None: train_iters.
+    run_iters: int | None = None
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -300,6 +311,13 @@ class TrainConfig:
             raise UserError("--deepspeed_config/--zero-stage given without --deepspeed; add --deepspeed")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"--zero-stage {self.zero_stage}: ZeRO stages are 0, 1, 2 and 3")
+        if self.weight_decay_incr_style == "constant":
+            if self.start_weight_decay is not None or self.end_weight_decay is not None:
+                raise UserError("--start-weight-decay/--end-weight-decay need --weight-decay-incr-style linear or "
+                                "cosine (constant keeps --weight-decay), as in Megatron-LM")
+        elif self.start_weight_decay is None or self.end_weight_decay is None:
+            raise UserError(f"--weight-decay-incr-style {self.weight_decay_incr_style} needs --start-weight-decay "
+                            f"and --end-weight-decay")
         if self.optimizer != "adam":
             raise UserError(f"--optimizer {self.optimizer}: megagrow trains with adam (AdamW, decoupled weight decay) "
                             f"only; drop the flag or pass --optimizer adam")

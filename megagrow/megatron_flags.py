@@ -17,7 +17,6 @@ parser with one line naming it.
 from __future__ import annotations
 
 import argparse
-import math
 
 from megagrow.errors import UserError
 
@@ -160,30 +159,21 @@ def _exact_iterations(samples: int, global_batch_size: int, flag: str) -> int:
 
 
 def samples_to_iterations(values: dict) -> dict:
-    """Megatron's sample-based run length and LR schedule (--train-samples, --lr-*-samples,
-    --lr-warmup-fraction) as the iteration flags they equal with a fixed global batch."""
+    """Megatron's sample-based run length and LR schedule (--train-samples, --lr-*-samples) as the
+    iteration flags they equal with a fixed global batch (--lr-warmup-fraction stays a fraction)."""
     values = dict(values)
     batch = values.get("global_batch_size", 8)
     if "train_samples" in values:
         if "train_iters" in values or "train_tokens" in values:
             raise UserError("--train-samples with --train-iters/--train-tokens: give one length of the run")
         values["train_iters"] = _exact_iterations(values.pop("train_samples"), batch, "--train-samples")
-    for name in ("lr_decay", "lr_warmup"):
+    for name in ("lr_decay", "lr_warmup", "lr_wsd_decay"):
+        flag = f"--{name.replace('_', '-')}"
         samples = values.pop(f"{name}_samples", None)
         if samples is not None:
             if f"{name}_iters" in values:
-                raise UserError(f"--{name.replace('_', '-')}-samples with --{name.replace('_', '-')}-iters; give one")
-            values[f"{name}_iters"] = _exact_iterations(samples, batch, f"--{name.replace('_', '-')}-samples")
-    fraction = values.pop("lr_warmup_fraction", None)
-    if fraction is not None:
-        if "lr_warmup_iters" in values:
-            raise UserError("--lr-warmup-fraction with --lr-warmup-iters/--lr-warmup-samples; give one")
-        decay = values.get("lr_decay_iters") or values.get("train_iters")
-        if decay is None:
-            raise UserError("--lr-warmup-fraction needs --lr-decay-iters or --train-iters to take a fraction of")
-        warmup = fraction * decay
-        if not math.isclose(warmup, round(warmup), rel_tol=0, abs_tol=1e-6):
-            raise UserError(f"--lr-warmup-fraction {fraction} of {decay} decay iterations is {warmup:g}, not a whole "
-                            f"number of iterations; give --lr-warmup-iters instead")
-        values["lr_warmup_iters"] = round(warmup)
+                raise UserError(f"{flag}-samples with {flag}-iters; give one")
+            values[f"{name}_iters"] = _exact_iterations(samples, batch, f"{flag}-samples")
+    if values.get("lr_warmup_fraction") is not None and "lr_warmup_iters" in values:
+        raise UserError("--lr-warmup-fraction with --lr-warmup-iters/--lr-warmup-samples; give one")
     return values

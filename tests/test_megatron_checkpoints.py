@@ -187,7 +187,7 @@ def test_training_resumes_from_a_megatron_checkpoint(tmp_path, megatron_checkpoi
     assert (iteration, consumed) == (10, 80)
     from megagrow.training.lr_schedule import LRScheduleConfig, learning_rate
 
-    assert lr == pytest.approx(learning_rate(LRScheduleConfig(lr=3e-4, decay_steps=100), 10))
+    assert lr == pytest.approx(learning_rate(LRScheduleConfig(lr=3e-4, decay_samples=800, global_batch_size=8), 10))
 
 
 def test_a_grown_megatron_checkpoint_carries_its_run_state(tmp_path, megatron_checkpoints):

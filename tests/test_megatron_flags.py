@@ -26,6 +26,7 @@ from distributed_harness import free_port
 
 from megagrow.arguments import parse_args
 from megagrow.errors import UserError
+from megagrow.training.optimization import lr_schedule_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -360,7 +361,8 @@ def test_megatron_lm_gpt3_175b_example(tmp_path, monkeypatch):
     assert _refused_flags(argv) == GPT3_175B_REFUSED
     for flag in GPT3_175B_REFUSED:
         argv = _without(argv, flag)
-    assert parse_args(argv).train.lr_warmup_iters == 430  # --lr-warmup-fraction .001 of 430000 decay iterations
+    train = parse_args(argv).train  # --lr-warmup-fraction .001 of 430000 decay iterations, in samples as Megatron-LM
+    assert lr_schedule_config(train, train.train_iters).warmup_samples == pytest.approx(430 * train.global_batch_size)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -371,7 +373,7 @@ def test_megatron_lm_gpt3_175b_example(tmp_path, monkeypatch):
     (["--ckpt-format", "torch_dcp"], "--ckpt-format torch_dcp: megagrow writes torch or torch_dist"),
     (["--data-impl", "lazy"], "--data-impl lazy: accepted mmap"),
     (["--kv-channels", "32"], "--kv-channels 32: megagrow's head dimension is"),
-    (["--lr-warmup-fraction", "0.3", "--train-iters", "5"], "--lr-warmup-fraction 0.3 of 5 decay iterations is 1.5"),
+    (["--lr-warmup-fraction", "0.3", "--lr-warmup-iters", "5"], "--lr-warmup-fraction with --lr-warmup-iters"),
     (["--train-samples", "10"], "--train-samples 10 is not a whole number of --global-batch-size 8 batches"),
     (["--no-pipeline-parallel", "--pipeline-model-parallel-size", "2"], "--no-pipeline-parallel with"),
 ])

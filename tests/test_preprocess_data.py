@@ -228,11 +228,12 @@ def test_interrupt_leaves_no_output_and_no_temporaries(tmp_path, tiny_tokenizer_
     os.mkfifo(fifo)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    argv = [sys.executable, str(TOOLS_DIR / "preprocess_data.py"), "--input", str(fifo),
+    # -X faulthandler: a run stuck after the interrupt prints every thread's stack on SIGABRT.
+    argv = [sys.executable, "-X", "faulthandler", str(TOOLS_DIR / "preprocess_data.py"), "--input", str(fifo),
             "--output-prefix", str(out_dir / "out"), "--tokenizer-model", str(tiny_tokenizer_model),
             "--workers", "2", "--chunk-size", "2", "--log-interval", "1"]  # fmt: skip
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    watchdog = threading.Timer(60, process.kill)  # a stuck run fails the test instead of hanging it
+    watchdog = threading.Timer(90, process.kill)  # a stuck run fails the test instead of hanging it
     watchdog.start()
     try:
         with open_fifo_for_writing(fifo, process) as writer:
@@ -242,7 +243,11 @@ def test_interrupt_leaves_no_output_and_no_temporaries(tmp_path, tiny_tokenizer_
             assert process.stderr.readline().startswith("processed ")  # the run is under way
             assert any(name.endswith(f".tmp-{process.pid}") for name in files_under(out_dir))
             process.send_signal(signal.SIGINT)
-            _, stderr = process.communicate(timeout=30)
+            try:
+                _, stderr = process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGABRT)
+                pytest.fail(f"still running 30 s after SIGINT; its threads: {process.communicate(timeout=30)[1][-4000:]}")
     finally:
         watchdog.cancel()
     assert process.returncode == 130

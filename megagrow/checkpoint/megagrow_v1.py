@@ -111,6 +111,16 @@ def canonical_model_state(model: dict, config: ModelConfig, tp: int, where: str)
     return converted
 
 
+def _schedule_in_samples(old: dict, train: dict) -> dict:
+    """A v1 schedule (counted in optimizer steps, weight decay constant) as megagrow's current one."""
+    batch = int(train["global_batch_size"])
+    decay = old["decay_steps"] * batch if old["decay_steps"] is not None else None
+    return {"lr": old["lr"], "min_lr": old["min_lr"], "warmup_samples": old["warmup_steps"] * batch,
+            "decay_samples": decay, "decay_style": old["decay_style"], "start_wd": train.get("weight_decay"),
+            "end_wd": train.get("weight_decay"), "wd_incr_style": "constant",
+            "wd_incr_samples": int(train.get("train_iters") or 0) * batch, "global_batch_size": batch}
+
+
 def _rng_record(old: dict, seed: int, tp_rank: int, pp_rank: int) -> list[dict]:
     """Megatron's rng_state record from format 1's tensor-encoded Python / numpy / torch states."""
     record = rng_state(seed, tp_rank, pp_rank)  # its CUDA states: a fresh run's for this seed
@@ -172,8 +182,8 @@ def upgrade_checkpoint(load: str | os.PathLike, save: str | os.PathLike, iterati
                                   consumed_train_samples=int(progress.get("consumed_samples", 0)))
                 scheduler = None
                 if "scheduler" in old and train:
-                    scheduler = scheduler_state(old["scheduler"]["num_steps"], old["scheduler"]["config"],
-                                                int(train["global_batch_size"]))
+                    scheduler = scheduler_state(old["scheduler"]["num_steps"],
+                                                _schedule_in_samples(old["scheduler"]["config"], train))
                 rng = _rng_record(old["rng"], int(train.get("seed", 1234)), t, p) if "rng" in old else None
                 layers = len({names.split_layer_name(n)[0] for n in model if names.split_layer_name(n)})
                 new = shard_file(with_extra_states(model, layers, p == pp - 1), args=args,

@@ -83,17 +83,15 @@ def _as_python_state(state: Any) -> tuple:
     return version, tuple(internal), gauss
 
 
-def scheduler_state(num_steps: int, schedule: dict[str, Any], global_batch_size: int) -> dict[str, Any]:
-    """Megatron's opt_param_scheduler record for megagrow's LR schedule after `num_steps` optimizer steps.
-
-    Megatron-LM advances its scheduler by the global batch size each step, so its steps are samples.
-    """
-    decay_steps = schedule["decay_steps"] if schedule["decay_steps"] is not None else schedule["warmup_steps"]
-    return {"max_lr": schedule["lr"], "min_lr": schedule["min_lr"],
-            "lr_warmup_steps": schedule["warmup_steps"] * global_batch_size,
-            "lr_decay_steps": decay_steps * global_batch_size, "lr_decay_style": schedule["decay_style"],
-            "num_steps": num_steps * global_batch_size, "start_wd": None, "end_wd": None,
-            "wd_incr_style": "constant", "wd_incr_steps": 0}
+def scheduler_state(num_steps: int, schedule: dict[str, Any]) -> dict[str, Any]:
+    """Megatron's opt_param_scheduler record after `num_steps` optimizer steps of a schedule
+    (LRScheduleConfig as a dict, counted in samples as Megatron-LM counts its steps)."""
+    batch = schedule["global_batch_size"]
+    decay = schedule["decay_samples"] if schedule["decay_samples"] is not None else schedule["warmup_samples"]
+    return {"max_lr": schedule["lr"], "min_lr": schedule["min_lr"], "lr_warmup_steps": schedule["warmup_samples"],
+            "lr_decay_steps": decay, "lr_decay_style": schedule["decay_style"], "num_steps": num_steps * batch,
+            "start_wd": schedule["start_wd"], "end_wd": schedule["end_wd"],
+            "wd_incr_style": schedule["wd_incr_style"], "wd_incr_steps": schedule["wd_incr_samples"] or 0}
 
 
 def scheduler_steps(record: dict[str, Any], global_batch_size: int) -> int:

@@ -67,7 +67,8 @@ def phase_configs(model: ModelConfig, train: TrainConfig) -> tuple[TrainConfig, 
     _check(train, grow_at, total)
     spec = growth_spec(train)
     # Both phases follow the LR schedule of the whole run.
-    common = {"train_tokens": None, "lr_decay_iters": train.lr_decay_iters or total, "grow_at_tokens": None}
+    common = {"train_tokens": None, "lr_decay_iters": train.lr_decay_iters or total, "run_iters": total,
+              "grow_at_tokens": None}
     base = dataclasses.replace(train, train_iters=grow_at, **common)
     split = train.pipeline_layer_split
     grown_dir = str(Path(train.save) / GROWN_SUBDIR)

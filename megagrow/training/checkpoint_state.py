@@ -104,7 +104,7 @@ def _megatron_entries(trainer) -> dict:
     entries = {"args": args, "rng": None if train.no_save_rng else rng_state(train.seed, state.tp_rank(), state.pp_rank())}
     optimization = trainer.optimization
     schedule = asdict(optimization.scheduler.config)
-    entries["scheduler"] = scheduler_state(optimization.scheduler.num_steps, schedule, train.global_batch_size)
+    entries["scheduler"] = scheduler_state(optimization.scheduler.num_steps, schedule)
     return entries
 
 

@@ -36,9 +36,24 @@ def optimizer_config(train: TrainConfig) -> OptimizerConfig:
 
 
 def lr_schedule_config(train: TrainConfig, train_iters: int) -> LRScheduleConfig:
-    """Learning-rate schedule from the training flags (decay over the whole run by default)."""
-    return LRScheduleConfig(lr=train.lr, min_lr=train.min_lr, warmup_steps=train.lr_warmup_iters,
-                            decay_steps=train.lr_decay_iters or train_iters, decay_style=train.lr_decay_style)
+    """The LR and weight-decay schedule from the training flags, in samples as Megatron-LM derives it."""
+    batch = train.global_batch_size
+    run_iters = train.run_iters or train_iters
+    decay = (train.lr_decay_iters or run_iters) * batch
+    if train.lr_warmup_fraction is not None:
+        warmup = train.lr_warmup_fraction * decay
+    else:
+        warmup = train.lr_warmup_iters * batch
+    if train.weight_decay_incr_style == "constant":
+        start_wd = end_wd = train.weight_decay
+    else:
+        start_wd, end_wd = train.start_weight_decay, train.end_weight_decay
+    return LRScheduleConfig(
+        lr=train.lr, min_lr=train.min_lr, warmup_samples=warmup, decay_samples=decay,
+        decay_style=train.lr_decay_style, init_lr=train.lr_warmup_init,
+        wsd_decay_samples=train.lr_wsd_decay_iters * batch if train.lr_wsd_decay_iters else None,
+        wsd_decay_style=train.lr_wsd_decay_style, start_wd=start_wd, end_wd=end_wd,
+        wd_incr_samples=run_iters * batch, wd_incr_style=train.weight_decay_incr_style, global_batch_size=batch)
 
 
 def sum_replicated_grads(model, tie_embeddings: bool, grad_attribute: str) -> None:

@@ -39,10 +39,11 @@ def weight_decay_groups(params, weight_decay: float, decays: dict[int, bool] | N
         decided = decays.get(id(param)) if decays is not None else None
         (decay if (uses_weight_decay(param) if decided is None else decided) else no_decay).append(param)
     groups = []
+    # wd_mult: the share of a scheduled weight decay each group takes (megatron-core's key).
     if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
+        groups.append({"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0})
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0})
     return groups
 
 
