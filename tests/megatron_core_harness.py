@@ -9,6 +9,8 @@ that assume CUDA are shimmed, all here:
 - `torch.cuda.synchronize()` (dist_checkpointing's save) does nothing;
 - the default causal mask is built on CUDA, so `logits` passes an explicit boolean mask.
 
+Its optimizer needs two more, applied only inside `optimizer_cuda_shims()`.
+
 dist_checkpointing's torch_dist writer starts a spawn-based process, so a test that saves
 runs the saving code in a worker (or under an `if __name__ == "__main__"` guard).
 """
@@ -142,8 +144,9 @@ def megatron_lm_args(config: ModelConfig, tp: int, pp: int, *, iteration: int, c
 
 
 def save_like_megatron_lm(model, root: str, *, args, iteration: int, tp_rank: int, pp_rank: int, pp: int,
-                          ckpt_format: str) -> None:
-    """Save this rank's model as Megatron-LM's save_checkpoint lays it out (torch or torch_dist), with its tracker."""
+                          ckpt_format: str, optimizer=None, optimizer_sharding: str | None = None) -> None:
+    """Save this rank's model as Megatron-LM's save_checkpoint lays it out (torch or torch_dist), with its tracker,
+    and with torch_dist the Adam state of megatron-core's `optimizer` when given."""
     import os
 
     import torch.distributed as dist
@@ -166,8 +169,151 @@ def save_like_megatron_lm(model, root: str, *, args, iteration: int, tp_rank: in
     else:
         os.makedirs(directory, exist_ok=True)
         dist.barrier()
-        dist_checkpointing.save({**common, "model": model.sharded_state_dict()}, directory)
+        state = ({**common, "model": model.sharded_state_dict()} if optimizer is None
+                 else optimizer_checkpoint_state(model, optimizer, common, sharding=optimizer_sharding))
+        dist_checkpointing.save(state, directory)
     dist.barrier()
     if dist.get_rank() == 0:
         with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
             f.write(str(iteration))
+
+
+class _CpuTorch:
+    """megatron-core's optimizer modules' view of `torch`: tensors it creates on "cuda" are made on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _on_cpu(kwargs: dict) -> dict:
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return kwargs
+
+    def tensor(self, *args, **kwargs):
+        return torch.tensor(*args, **self._on_cpu(kwargs))
+
+    def zeros(self, *args, **kwargs):
+        return torch.zeros(*args, **self._on_cpu(kwargs))
+
+    def empty(self, *args, **kwargs):
+        return torch.empty(*args, **self._on_cpu(kwargs))
+
+
+@contextlib.contextmanager
+def optimizer_cuda_shims():
+    """Let megatron-core's optimizer run on the CPU for the block: the two CUDA assumptions past the model's.
+
+    Its optimizer, gradient clipping and multi-tensor helpers create tensors with device="cuda", and
+    check `param.type() == "torch.cuda.FloatTensor"` (clipping, the mixed-precision optimizer): the
+    first go to the CPU, and a CPU tensor's `type()` answers with its CUDA name.
+    """
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.optimizer as optimizer
+    import megatron.core.utils as utils
+
+    modules = (optimizer, clip_grads, utils)
+    saved_torch = [module.torch for module in modules]
+    original_type = torch.Tensor.type
+
+    def cuda_type_name(self, *args, **kwargs):
+        name = original_type(self, *args, **kwargs)
+        if not args and not kwargs and not self.is_cuda and name.startswith("torch.") and ".cuda." not in name:
+            return "torch.cuda." + name[len("torch."):]
+        return name
+
+    for module in modules:
+        module.torch = _CpuTorch()
+    torch.Tensor.type = cuda_type_name
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original_type
+        for module, saved in zip(modules, saved_torch):
+            module.torch = saved
+
+
+def megatron_optimizer(model, *, lr: float = 1e-2, weight_decay: float = 0.1, bf16: bool = False,
+                       distributed: bool = False):
+    """(DDP-wrapped model, megatron-core's Adam over it) as Megatron-LM builds them (call inside
+    optimizer_cuda_shims)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    module = model
+    if bf16:  # as Megatron-LM's --bf16: bf16 parameters behind Float16Module, fp32 masters in the optimizer
+        import copy
+
+        from megatron.core.transformer.module import Float16Module
+
+        config = copy.copy(model.config)
+        config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
+        module = Float16Module(config, model)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=distributed)
+    ddp = DistributedDataParallel(module.config, ddp_config, module)
+    config = OptimizerConfig(optimizer="adam", lr=lr, min_lr=0.0, weight_decay=weight_decay, adam_beta1=0.9,
+                             adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, bf16=bf16, fp16=False,
+                             params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                             use_distributed_optimizer=distributed)
+    return ddp, get_megatron_optimizer(config, [ddp])
+
+
+def train_step(ddp, optimizer, tokens: torch.Tensor) -> None:
+    """One megatron-core update on next-token prediction of `tokens` [b, s + 1]."""
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    b, s = inputs.shape
+    positions = torch.arange(s).unsqueeze(0).expand(b, s)
+    causal = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1).view(1, 1, s, s)
+    ddp.train()
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    ddp(inputs, positions, causal, labels=labels).float().mean().backward()
+    ddp.finish_grad_sync()
+    optimizer.step()
+
+
+def adam_state(model, optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    """This rank's Adam state of megatron-core's optimizer by model parameter name: exp_avg, exp_avg_sq, step, and
+    the fp32 master (`fp32_param` with bf16; the distributed one's `param`, whole with one data-parallel rank)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chained = optimizer.chained_optimizers[0]
+    if isinstance(chained, DistributedOptimizer):
+        def whole(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:  # flat shards, whole at dp=1
+            return value.detach().clone().view(param.shape) if value.numel() == param.numel() else value.clone()
+
+        return {name: {key: whole(value, param) for key, value in
+                       chained._get_main_param_and_optimizer_states(param).items()}
+                for name, param in model.named_parameters()}
+    inner = chained.optimizer
+    masters = {}  # the mixed-precision optimizer steps fp32 copies of the bf16 parameters
+    for model_group, master_group in zip(getattr(chained, "float16_groups", []),
+                                         getattr(chained, "fp32_from_float16_groups", [])):
+        masters.update({id(param): master for param, master in zip(model_group, master_group)})
+    state = {}
+    for name, param in model.named_parameters():
+        stepped = masters.get(id(param), param)
+        record = inner.state.get(stepped, {})
+        if record:
+            state[name] = {key: value.detach().clone() for key, value in record.items()}
+            if stepped is not param:
+                state[name]["fp32_param"] = stepped.detach().clone()
+    return state
+
+
+def optimizer_checkpoint_state(model, optimizer, common: dict, is_loading: bool = False,
+                               sharding: str | None = None) -> dict:
+    """What Megatron-LM's save/load_checkpoint hand to dist_checkpointing for ckpt_format torch_dist; `sharding` is
+    its distributed optimizer's layout: dp_reshardable (its default) or fully_reshardable (gathered over gloo,
+    as --dist-ckpt-optim-fully-reshardable with the memory-efficient option)."""
+    from megatron.core import parallel_state
+
+    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
+                "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    if sharding is not None:
+        metadata["distrib_optim_sharding_type"] = sharding
+        metadata["distrib_optim_fully_reshardable_mem_efficient"] = True
+    state = {**common, "model": model.sharded_state_dict(metadata=metadata)}
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
+    return state

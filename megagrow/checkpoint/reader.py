@@ -41,7 +41,8 @@ from megagrow.checkpoint.layout import (
 )
 from megagrow.checkpoint.megatron_args import model_config_from_args, parallel_sizes_from_args
 from megagrow.checkpoint.megatron_state import MEGAGROW_KEY, scheduler_steps
-from megagrow.checkpoint.optimizer_layout import EXP_AVG, MASTER, WEIGHT, dist_state_key
+from megagrow.checkpoint.optimizer_layout import (EXP_AVG, MASTER, WEIGHT, dist_state_key, dist_state_keys,
+                                                  megatron_common_step)
 from megagrow.checkpoint.safe_load import load_file
 from megagrow.checkpoint.torch_dist import TorchDistReader, param_key, read_full
 from megagrow.checkpoint.tp_layout import full_shape, merge_from_tp, shard_shape
@@ -344,11 +345,13 @@ class CheckpointReader:
         if self._dist is not None:
             result = {}
             for name in group_param_names(group, self.config):
-                prefix = "" if kind == WEIGHT else dist_state_key(kind, "")
-                if kind == MASTER and prefix + param_key(name) not in self._dist:
+                prefixes = [""] if kind == WEIGHT else dist_state_keys(kind, "")
+                prefix = next((p for p in prefixes if p + param_key(name) in self._dist), None)
+                if kind == MASTER and prefix is None:
                     result[name] = self.read_group(group)[name].float()  # fp32 weights are their own masters
                 else:
-                    result[name] = self._trim(name, read_full(self._dist, name, self.config.num_layers, prefix))
+                    result[name] = self._trim(name, read_full(self._dist, name, self.config.num_layers,
+                                                              prefix if prefix is not None else prefixes[0]))
             return result
         stage = self._stage_of(group)
         # Mapped afresh and dropped after the merge (which copies), so the pages read leave this
@@ -378,12 +381,25 @@ class CheckpointReader:
 
     @property
     def has_optimizer_state(self) -> bool:
-        """Whether megagrow's model-space optimizer state was saved (not Megatron-LM's, not --no-save-optim)."""
+        """Whether Adam state in model space was saved: megagrow's (unless --no-save-optim), or a torch_dist one of
+        Megatron-LM's non-distributed (or fully reshardable) optimizer."""
+        if self._dist is not None:
+            return self._dist_optimizer_key in self._dist and self._dist_optimizer_steps() is not None
         if self.origin != MEGAGROW:
             return False
-        if self._dist is not None:
-            return self._dist_optimizer_key in self._dist
         return bool((self._files[0, 0][MEGAGROW_KEY].get("optimizer") or {}).get("params"))
+
+    @property
+    def has_buffer_layout_optimizer_state(self) -> bool:
+        """Whether the checkpoint holds Megatron-LM's distributed-optimizer state in its gradient-buffer layout
+        (torch_dist `dp_reshardable`), which is not model space."""
+        return self._dist is not None and any(key.startswith("optimizer.distributed.") for key in self._dist.keys)
+
+    def _dist_optimizer_steps(self) -> int | None:
+        record = (self.common.get(MEGAGROW_KEY) or {}).get("optimizer")
+        if record is not None and record.get("step") is not None:
+            return int(record["step"])
+        return megatron_common_step(self.common.get("optimizer"))
 
     @property
     def _dist_optimizer_key(self) -> str:
@@ -392,7 +408,7 @@ class CheckpointReader:
     def optimizer_steps(self) -> int:
         """Adam steps the saved optimizer had taken."""
         if self._dist is not None:
-            return int(self.common[MEGAGROW_KEY]["optimizer"]["step"])
+            return self._dist_optimizer_steps() or 0
         params = self._files[0, 0][MEGAGROW_KEY]["optimizer"]["params"]
         return max(int(record["step"]) for record in params.values())
 

@@ -14,7 +14,10 @@ Loading is two-phase, because optimizers copy the weights when they are built:
 then restores progress, LR schedule, RNG and optimizer. Weights load from any checkpoint
 CheckpointReader reads, in any layout: this rank's shard file directly when the layout
 is the run's, else this stage's tensors gathered from the full groups; the optimizer state
-regroups the same way, into any backend. Megatron-LM's optimizer state is not read
+regroups the same way, into any backend. Megatron-LM's optimizer state is read where it is
+in model space, as megatron-core's non-distributed optimizer saves it in torch_dist (and a
+torch_dist save carries megatron-core's `optimizer` record, so Megatron-LM reads megagrow's);
+its torch format and its distributed optimizer's buffer layout are refused in one line
 (--no-load-optim continues with fresh Adam moments; weights, iteration, data position and
 LR schedule carry over).
 """
@@ -55,6 +58,8 @@ from megagrow.checkpoint.optimizer_layout import (
     MASTER,
     STATE_KINDS,
     dist_state_key,
+    megatron_optimizer_common,
+    megatron_param_groups,
     param_state,
     stage_record,
 )
@@ -64,6 +69,7 @@ from megagrow.config import TrainConfig
 from megagrow.errors import UserError
 from megagrow.parallel import state
 from megagrow.parallel.pipeline import partition_layers
+from megagrow.training.lr_schedule import weight_decay
 
 logger = logging.getLogger("megagrow.training")
 # Model fields that may differ between a checkpoint and the run loading it.
@@ -161,6 +167,14 @@ def _optimizer_entries(optimizer: dict, where: dict) -> list:
     return entries
 
 
+def _megatron_param_groups(trainer, step: int) -> list[dict]:
+    train, scheduler = trainer.train, trainer.optimization.scheduler
+    decay = weight_decay(scheduler.config, scheduler.num_steps)
+    return megatron_param_groups(lr=scheduler.get_lr(), max_lr=train.lr, min_lr=train.min_lr,
+                                 weight_decay=train.weight_decay if decay is None else decay,
+                                 betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps, step=step)
+
+
 def _save_torch_dist(trainer) -> None:
     model, train = trainer.model, trainer.train
     megatron = _megatron_entries(trainer)
@@ -197,6 +211,9 @@ def _save_torch_dist(trainer) -> None:
                   "opt_param_scheduler": megatron.get("scheduler"),
                   "num_floating_point_operations_so_far": trainer.progress.consumed_flops,
                   MEGAGROW_KEY: {"format_version": 2, **_megagrow_record(trainer, steps)}}
+        if steps is not None:  # what megatron-core's optimizer reads beside the state tensors
+            common["optimizer"] = megatron_optimizer_common(steps["step"], _megatron_param_groups(trainer, steps["step"]),
+                                                            mixed_precision=train.precision != "fp32")
         if rank == 0:
             torch_dist.write_metadata(tmp_dir, [r for rank_records in gathered for r in rank_records], common)
 
@@ -345,12 +362,18 @@ def _saved_rng(loaded: LoadedCheckpoint):
 def _load_optimizer(trainer, loaded: LoadedCheckpoint) -> None:
     source, root = loaded.source, trainer.train.load
     if source.origin != MEGAGROW:
-        megatron_optimizer = source.format == TORCH_DIST or (
-            source.file if loaded.same_layout else source.shard_file(0, 0)).get("optimizer") is not None
-        if megatron_optimizer:
-            raise UserError(f"--load {root}: its optimizer state is Megatron-LM's, which megagrow does not read; pass "
-                            f"--no-load-optim (weights, iteration, data position and LR schedule carry over, Adam "
-                            f"moments restart)")
+        if source.has_optimizer_state:  # torch_dist of megatron-core's non-distributed optimizer: model space
+            _load_record(trainer, _optimizer_record_from(source, trainer), root)
+            return
+        if source.has_buffer_layout_optimizer_state:
+            raise UserError(f"--load {root}: its Adam state is Megatron-LM's distributed optimizer in gradient-buffer "
+                            f"layout (dp_reshardable), which megagrow does not read; save it from Megatron-LM with "
+                            f"--dist-ckpt-optim-fully-reshardable, or pass --no-load-optim (Adam moments restart)")
+        if source.format == TORCH_DIST or (
+                source.file if loaded.same_layout else source.shard_file(0, 0)).get("optimizer") is not None:
+            raise UserError(f"--load {root}: its optimizer state is in Megatron-LM's torch format, which megagrow "
+                            f"does not read (its torch_dist format it does); pass --no-load-optim (weights, "
+                            f"iteration, data position and LR schedule carry over, Adam moments restart)")
         return
     if loaded.same_layout:
         record = source.file[MEGAGROW_KEY].get("optimizer", _MISSING)
@@ -364,6 +387,10 @@ def _load_optimizer(trainer, loaded: LoadedCheckpoint) -> None:
     if record is _MISSING or not record.get("params"):
         raise UserError(f"--load {root}: the checkpoint holds no optimizer state (saved with --no-save-optim?); pass "
                         f"--no-load-optim to start the optimizer afresh")
+    _load_record(trainer, record, root)
+
+
+def _load_record(trainer, record: dict, root: str) -> None:
     try:
         trainer.optimization.load_optimizer_record(record)
     except UserError as err:
