@@ -161,10 +161,11 @@ def save_like_megatron_lm(model, root: str, *, args, iteration: int, tp_rank: in
     if ckpt_format == "torch":
         name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
         os.makedirs(os.path.join(directory, name), exist_ok=True)
-        # Megatron-LM's own optimizer record (its layout, not megagrow's).
-        optimizer = {"optimizer": {"state": {}, "param_groups": [{"params": [], "wd_mult": 1.0, "lr_mult": 1.0}]},
-                     "fp32_from_fp16_params": []}
-        torch.save({**common, "model": model.state_dict(), "optimizer": optimizer},
+        # Megatron-LM's own optimizer record (its layout, not megagrow's): the optimizer's, or an empty one.
+        record = optimizer.state_dict() if optimizer is not None else {
+            "optimizer": {"state": {}, "param_groups": [{"params": [], "wd_mult": 1.0, "lr_mult": 1.0}]},
+            "fp32_from_fp16_params": []}
+        torch.save({**common, "model": model.state_dict(), "optimizer": record},
                    os.path.join(directory, name, "model_optim_rng.pt"))
     else:
         os.makedirs(directory, exist_ok=True)

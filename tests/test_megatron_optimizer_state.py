@@ -1,5 +1,5 @@
-"""Adam state shared with megatron-core 0.16.1 itself in the torch_dist format: megagrow resumes with the moments
-and step megatron-core's (non-distributed) optimizer saved, and that optimizer loads what megagrow saves and
+"""Adam state shared with megatron-core 0.16.1 itself: megagrow resumes with the moments and step megatron-core's
+optimizer saved (torch and torch_dist formats), and that optimizer loads what megagrow saves in torch_dist and
 keeps training."""
 
 import os
@@ -34,7 +34,7 @@ def _flags(data, tp, extra):
             "--tensor-model-parallel-size", str(tp), "--ckpt-format", "torch_dist", *extra]
 
 
-def _megatron_core_trains_and_saves(root, tp):
+def _megatron_core_trains_and_saves(root, tp, ckpt_format):
     mc.initialize(tp, 1)
     torch.manual_seed(11)
     model = mc.stage_model(CONFIG, tp, 1, 0)
@@ -43,9 +43,9 @@ def _megatron_core_trains_and_saves(root, tp):
         for tokens in BATCHES:
             mc.train_step(ddp, optimizer, tokens)
         args = mc.megatron_lm_args(CONFIG, tp, 1, iteration=len(BATCHES), consumed_train_samples=4 * len(BATCHES),
-                                   global_batch_size=4, ckpt_format="torch_dist")
+                                   global_batch_size=4, ckpt_format=ckpt_format)
         mc.save_like_megatron_lm(model, root, args=args, iteration=len(BATCHES), tp_rank=torch.distributed.get_rank(),
-                                 pp_rank=0, pp=1, ckpt_format="torch_dist", optimizer=optimizer)
+                                 pp_rank=0, pp=1, ckpt_format=ckpt_format, optimizer=optimizer)
     return mc.adam_state(model, optimizer)
 
 
@@ -55,15 +55,26 @@ def _megagrow_loads(flags, world):
 
 
 @pytest.fixture(scope="module")
-def megatron_run(tmp_path_factory):
-    """A torch_dist checkpoint of 2 megatron-core updates at tp=2, and each rank's Adam state by parameter name."""
-    root = tmp_path_factory.mktemp("megatron_adam")
-    return root, run_distributed(_megatron_core_trains_and_saves, 2, str(root), 2, daemon=False)
+def megatron_runs(tmp_path_factory):
+    """Checkpoints of 2 megatron-core updates at tp=2 as Megatron-LM saves them, torch_dist and torch, with each
+    rank's Adam state by parameter name."""
+    runs = {}
+    for ckpt_format in ("torch_dist", "torch"):
+        root = tmp_path_factory.mktemp(f"megatron_adam_{ckpt_format}")
+        runs[ckpt_format] = root, run_distributed(_megatron_core_trains_and_saves, 2, str(root), 2, ckpt_format,
+                                                  daemon=False)
+    return runs
 
 
+@pytest.fixture
+def megatron_run(megatron_runs):
+    return megatron_runs["torch_dist"]
+
+
+@pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
 @pytest.mark.parametrize("tp", [2, 1], ids=["same-layout", "tp2-into-tp1"])
-def test_megagrow_resumes_with_megatron_cores_adam_state(tmp_path, megatron_run, tp):
-    root, theirs = megatron_run
+def test_megagrow_resumes_with_megatron_cores_adam_state(tmp_path, megatron_runs, tp, ckpt_format):
+    root, theirs = megatron_runs[ckpt_format]
     data = write_dataset(tmp_path / "docs", random_documents(3, 200, 60, vocab_size=CONFIG.vocab_size))
     flags = _flags(data, tp, ["--train-iters", "10", "--load", str(root), "--metrics-file", str(tmp_path / "m.jsonl")])
     loaded = run_distributed(_megagrow_loads, tp, flags, tp)

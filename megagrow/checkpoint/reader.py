@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from megagrow.checkpoint import megagrow_v1, names
+from megagrow.checkpoint import megagrow_v1, megatron_optimizer, names
 from megagrow.checkpoint.layout import (
     RELEASE,
     TORCH,
@@ -364,7 +364,10 @@ class CheckpointReader:
 
     def _stage_state(self, tp_rank: int, pp_rank: int, file: dict, model: dict, kind: str) -> dict[str, torch.Tensor]:
         """One shard's optimizer state of `kind` by parameter name (fp32; masters of fp32 weights are the weights)."""
-        params = file[MEGAGROW_KEY]["optimizer"]["params"]
+        if self.origin == MEGAGROW:
+            params = file[MEGAGROW_KEY]["optimizer"]["params"]
+        else:
+            params = megatron_optimizer.adam_state_by_name(file.get("optimizer"), model, self._where(tp_rank, pp_rank))
         state = {}
         for name, weight in model.items():
             record = params.get(name)
@@ -381,19 +384,21 @@ class CheckpointReader:
 
     @property
     def has_optimizer_state(self) -> bool:
-        """Whether Adam state in model space was saved: megagrow's (unless --no-save-optim), or a torch_dist one of
-        Megatron-LM's non-distributed (or fully reshardable) optimizer."""
+        """Whether Adam state per parameter was saved: megagrow's (unless --no-save-optim), or Megatron-LM's from its
+        non-distributed optimizer (torch or torch_dist) or its fully reshardable distributed one (torch_dist)."""
         if self._dist is not None:
             return self._dist_optimizer_key in self._dist and self._dist_optimizer_steps() is not None
         if self.origin != MEGAGROW:
-            return False
+            return self.origin == MEGATRON and megatron_optimizer.holds_adam_state(self._files[0, 0].get("optimizer"))
         return bool((self._files[0, 0][MEGAGROW_KEY].get("optimizer") or {}).get("params"))
 
     @property
     def has_buffer_layout_optimizer_state(self) -> bool:
         """Whether the checkpoint holds Megatron-LM's distributed-optimizer state in its gradient-buffer layout
-        (torch_dist `dp_reshardable`), which is not model space."""
-        return self._dist is not None and any(key.startswith("optimizer.distributed.") for key in self._dist.keys)
+        (torch_dist `dp_reshardable`, or the torch format's distrib_optim.pt), which is not model space."""
+        if self._dist is None:  # its torch format: the ranges in distrib_optim.pt beside each shard
+            return self.origin == MEGATRON and (self.shard_path(0, 0).parent / "distrib_optim.pt").exists()
+        return any(key.startswith("optimizer.distributed.") for key in self._dist.keys)
 
     def _dist_optimizer_steps(self) -> int | None:
         record = (self.common.get(MEGAGROW_KEY) or {}).get("optimizer")
@@ -409,6 +414,8 @@ class CheckpointReader:
         """Adam steps the saved optimizer had taken."""
         if self._dist is not None:
             return self._dist_optimizer_steps() or 0
+        if self.origin != MEGAGROW:
+            return megatron_optimizer.adam_steps(self._files[0, 0]["optimizer"])
         params = self._files[0, 0][MEGAGROW_KEY]["optimizer"]["params"]
         return max(int(record["step"]) for record in params.values())
 

@@ -14,10 +14,11 @@ Loading is two-phase, because optimizers copy the weights when they are built:
 then restores progress, LR schedule, RNG and optimizer. Weights load from any checkpoint
 CheckpointReader reads, in any layout: this rank's shard file directly when the layout
 is the run's, else this stage's tensors gathered from the full groups; the optimizer state
-regroups the same way, into any backend. Megatron-LM's optimizer state is read where it is
-in model space, as megatron-core's non-distributed optimizer saves it in torch_dist (and a
-torch_dist save carries megatron-core's `optimizer` record, so Megatron-LM reads megagrow's);
-its torch format and its distributed optimizer's buffer layout are refused in one line
+regroups the same way, into any backend. Megatron-LM's optimizer state is read wherever it is
+kept per parameter: its non-distributed optimizer's in either format (megagrow/checkpoint/
+megatron_optimizer.py for the torch format), its fully reshardable distributed one's in
+torch_dist; a torch_dist save carries megatron-core's `optimizer` record, so Megatron-LM reads
+megagrow's. Its distributed optimizer's buffer layouts are refused in one line
 (--no-load-optim continues with fresh Adam moments; weights, iteration, data position and
 LR schedule carry over).
 """
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megagrow.checkpoint import torch_dist
+from megagrow.checkpoint import megatron_optimizer, torch_dist
 from megagrow.checkpoint.layout import (
     TORCH,
     TORCH_DIST,
@@ -63,7 +64,7 @@ from megagrow.checkpoint.optimizer_layout import (
     param_state,
     stage_record,
 )
-from megagrow.checkpoint.reader import MEGAGROW, MEGAGROW_V1, CheckpointReader, RankShard
+from megagrow.checkpoint.reader import MEGAGROW, MEGAGROW_V1, MEGATRON, CheckpointReader, RankShard
 from megagrow.checkpoint.reshard import stage_shard
 from megagrow.config import TrainConfig
 from megagrow.errors import UserError
@@ -362,18 +363,20 @@ def _saved_rng(loaded: LoadedCheckpoint):
 def _load_optimizer(trainer, loaded: LoadedCheckpoint) -> None:
     source, root = loaded.source, trainer.train.load
     if source.origin != MEGAGROW:
-        if source.has_optimizer_state:  # torch_dist of megatron-core's non-distributed optimizer: model space
-            _load_record(trainer, _optimizer_record_from(source, trainer), root)
+        record = _megatron_optimizer_record(trainer, loaded)
+        if record is not None:
+            _load_record(trainer, record, root)
             return
-        if source.has_buffer_layout_optimizer_state:
+        if _buffer_layout(source):
             raise UserError(f"--load {root}: its Adam state is Megatron-LM's distributed optimizer in gradient-buffer "
-                            f"layout (dp_reshardable), which megagrow does not read; save it from Megatron-LM with "
+                            f"layout (distrib_optim.pt, or torch_dist dp_reshardable), which megagrow does not read; "
+                            f"save it from Megatron-LM with --ckpt-format torch_dist "
                             f"--dist-ckpt-optim-fully-reshardable, or pass --no-load-optim (Adam moments restart)")
         if source.format == TORCH_DIST or (
                 source.file if loaded.same_layout else source.shard_file(0, 0)).get("optimizer") is not None:
-            raise UserError(f"--load {root}: its optimizer state is in Megatron-LM's torch format, which megagrow "
-                            f"does not read (its torch_dist format it does); pass --no-load-optim (weights, "
-                            f"iteration, data position and LR schedule carry over, Adam moments restart)")
+            raise UserError(f"--load {root}: its optimizer record holds no per-parameter Adam state megagrow can read; "
+                            f"pass --no-load-optim (weights, iteration, data position and LR schedule carry over, "
+                            f"Adam moments restart)")
         return
     if loaded.same_layout:
         record = source.file[MEGAGROW_KEY].get("optimizer", _MISSING)
@@ -398,6 +401,24 @@ def _load_record(trainer, record: dict, root: str) -> None:
 
 
 _MISSING = object()
+
+
+def _megatron_optimizer_record(trainer, loaded: LoadedCheckpoint) -> dict | None:
+    """This rank's Adam state from a Megatron-LM checkpoint (its non-distributed optimizer's, in either format, or
+    its fully reshardable distributed one's), or None where it holds none megagrow reads."""
+    source = loaded.source
+    if not loaded.same_layout:
+        return _optimizer_record_from(source, trainer) if source.has_optimizer_state else None
+    if source.origin != MEGATRON or not megatron_optimizer.holds_adam_state(source.file.get("optimizer")):
+        return None
+    return stage_record(megatron_optimizer.adam_state_by_name(source.file["optimizer"], source.model,
+                                                              str(source.path.parent)), None)
+
+
+def _buffer_layout(source) -> bool:
+    if isinstance(source, RankShard):
+        return source.origin == MEGATRON and (source.path.parent / "distrib_optim.pt").exists()
+    return source.has_buffer_layout_optimizer_state
 
 
 def _optimizer_record_from(reader: CheckpointReader, trainer) -> dict:
