@@ -34,16 +34,17 @@ def _flags(data, tp, extra):
             "--tensor-model-parallel-size", str(tp), "--ckpt-format", "torch_dist", *extra]
 
 
-def _megatron_core_trains_and_saves(root, tp, ckpt_format):
+def _megatron_core_trains_and_saves(root, tp, ckpt_format, bf16=False):
     mc.initialize(tp, 1)
     torch.manual_seed(11)
     model = mc.stage_model(CONFIG, tp, 1, 0)
     with mc.optimizer_cuda_shims():
-        ddp, optimizer = mc.megatron_optimizer(model)
+        ddp, optimizer = mc.megatron_optimizer(model, bf16=bf16)
         for tokens in BATCHES:
             mc.train_step(ddp, optimizer, tokens)
         args = mc.megatron_lm_args(CONFIG, tp, 1, iteration=len(BATCHES), consumed_train_samples=4 * len(BATCHES),
                                    global_batch_size=4, ckpt_format=ckpt_format)
+        args.bf16, args.params_dtype = bf16, torch.bfloat16 if bf16 else torch.float32
         mc.save_like_megatron_lm(model, root, args=args, iteration=len(BATCHES), tp_rank=torch.distributed.get_rank(),
                                  pp_rank=0, pp=1, ckpt_format=ckpt_format, optimizer=optimizer)
     return mc.adam_state(model, optimizer)
@@ -208,3 +209,21 @@ def test_stacking_a_megatron_run_stacks_its_adam_state(tmp_path, megatron_run):
             assert params[name]["step"] == 2
             for kind in MOMENTS:
                 torch.testing.assert_close(params[name][kind], theirs[rank][base][kind], rtol=0, atol=0)
+
+
+def test_megagrow_resumes_with_megatron_lms_bf16_masters_from_the_torch_format(tmp_path):
+    # Its mixed-precision optimizer nests the Adam state and keeps the fp32 masters beside it, group by group.
+    root = tmp_path / "megatron"
+    theirs = run_distributed(_megatron_core_trains_and_saves, 2, str(root), 2, "torch", True, daemon=False)
+    data = write_dataset(tmp_path / "docs", random_documents(3, 200, 60, vocab_size=CONFIG.vocab_size))
+    flags = _flags(data, 2, ["--train-iters", "10", "--load", str(root), "--metrics-file", str(tmp_path / "m.jsonl"),
+                             "--bf16"])
+    loaded = run_distributed(_megagrow_loads, 2, flags, 2)
+    for rank, (iteration, params) in enumerate(loaded):
+        assert iteration == 2 and set(params) == set(theirs[rank])
+        for name, record in params.items():
+            real = _real_rows(name, rank, record[MOMENTS[0]].shape[0])
+            assert record["step"] == 2
+            for kind in MOMENTS:
+                torch.testing.assert_close(record[kind][real], theirs[rank][name][kind][real], rtol=0, atol=0)
+            torch.testing.assert_close(record["master"][real], theirs[rank][name]["fp32_param"][real], rtol=0, atol=0)
