@@ -341,7 +341,7 @@ class CheckpointReader:
         """Full (unsharded, unpadded) tensors of one group: the weights, or one kind of their optimizer state
         (exp_avg, exp_avg_sq, master; a master recorded as None is the fp32 weight itself)."""
         if kind != WEIGHT and not self.has_optimizer_state:
-            raise UserError(f"{self.directory}: holds no megagrow optimizer state to read")
+            raise UserError(f"{self.directory}: holds no Adam state per parameter to read")
         if self._dist is not None:
             result = {}
             for name in group_param_names(group, self.config):

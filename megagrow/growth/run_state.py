@@ -10,8 +10,8 @@ The optimizer starts afresh (the record is None: moments at zero, as in a new ru
 fp32 master of the base parameter it was copied from — G_stack applied to the optimizer.
 Because the state is kept per parameter, this works whatever optimizer layout saved the base
 (megagrow's plain or distributed optimizer, DeepSpeed at any ZeRO stage) and whatever layout
-resumes the grown model. A Megatron-LM base carries its progress, LR schedule and RNG; its
-optimizer state is not read.
+resumes the grown model. A Megatron-LM base carries its progress, LR schedule and RNG, and its
+Adam state wherever it is kept per parameter (not its distributed optimizer's buffer layouts).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ class RunStateWriter:
                 raise UserError(f"--stack-optimizer-state needs every grown layer to copy a base layer "
                                 f"(depth:stack or depth:interpolate), not {spec.operator}")
             if not reader.has_optimizer_state:
-                raise UserError(f"{reader.directory}: holds no megagrow optimizer state ({reader.origin}'s checkpoint, "
-                                f"or saved with --no-save-optim); grow it with --carry-run-state (fresh optimizer)")
+                raise UserError(f"{reader.directory}: holds no Adam state per parameter (saved with --no-save-optim, "
+                                f"or by Megatron-LM's distributed optimizer in its buffer layout); grow it with "
+                                f"--carry-run-state (fresh optimizer)")
         self.reader, self.options, self.position = reader, options, position
         common = reader.common
         self.rng = common.get("rng_state")
