@@ -332,6 +332,12 @@ class TrainConfig:
         if not self.distributed_timeout_minutes > 0:
             raise UserError(f"--distributed-timeout-minutes must be positive, got {self.distributed_timeout_minutes}")
 
+    def weight_decay_range(self) -> tuple[float, float]:
+        """(start, end) weight decay of the run: --weight-decay at both ends unless an increment style is chosen."""
+        if self.weight_decay_incr_style == "constant":
+            return self.weight_decay, self.weight_decay
+        return self.start_weight_decay, self.end_weight_decay
+
 
 # Orders of a blend's samples (megagrow/data/blended_dataset.py): megatron-core's, or Tijdeman's.
 BLEND_RULES = ("megatron", "tijdeman")

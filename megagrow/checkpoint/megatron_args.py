@@ -50,13 +50,6 @@ def model_args(config: ModelConfig, tp: int) -> dict[str, Any]:
     }
 
 
-def _start_end_wd(train: TrainConfig) -> tuple[float | None, float | None]:
-    # Megatron-LM's args hold --weight-decay as both ends when the style is constant.
-    if train.weight_decay_incr_style == "constant":
-        return train.weight_decay, train.weight_decay
-    return train.start_weight_decay, train.end_weight_decay
-
-
 def build_args(config: ModelConfig, parallel: ParallelConfig, *, ckpt_format: str, train: TrainConfig | None = None,
                consumed_train_samples: int = 0, consumed_valid_samples: int = 0, tokenizer: dict | None = None
                ) -> argparse.Namespace:
@@ -78,7 +71,7 @@ def build_args(config: ModelConfig, parallel: ParallelConfig, *, ckpt_format: st
             "lr_warmup_init": train.lr_warmup_init, "lr_decay_iters": train.lr_decay_iters or train.train_iters,
             "lr_decay_style": train.lr_decay_style, "lr_wsd_decay_iters": train.lr_wsd_decay_iters,
             "lr_wsd_decay_style": train.lr_wsd_decay_style, "weight_decay": train.weight_decay,
-            "start_weight_decay": _start_end_wd(train)[0], "end_weight_decay": _start_end_wd(train)[1],
+            "start_weight_decay": train.weight_decay_range()[0], "end_weight_decay": train.weight_decay_range()[1],
             "weight_decay_incr_style": train.weight_decay_incr_style, "clip_grad": train.clip_grad,
             "adam_beta1": train.adam_beta1, "adam_beta2": train.adam_beta2, "adam_eps": train.adam_eps,
             "optimizer": "adam", "seed": train.seed, "use_distributed_optimizer": train.use_distributed_optimizer,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from megagrow.checkpoint.optimizer_layout import param_state
+from megagrow.checkpoint.optimizer_layout import param_state, uses_weight_decay
 from megagrow.errors import UserError
 
 
@@ -45,7 +45,7 @@ def adam_state_by_name(record: dict, model: dict[str, torch.Tensor], where: str)
     result = {}
     for g, group in enumerate(inner["param_groups"]):
         matrices = float(group.get("wd_mult", 1.0)) != 0.0
-        members = [name for name, tensor in model.items() if (tensor.ndim >= 2) == matrices]
+        members = [name for name, tensor in model.items() if uses_weight_decay(tensor) == matrices]
         indices = group["params"]
         if len(indices) != len(members):
             raise UserError(f"{where}: its optimizer group {g} (wd_mult {group.get('wd_mult')}) holds {len(indices)} "

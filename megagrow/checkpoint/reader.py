@@ -134,6 +134,12 @@ def run_position_of(common: dict, origin: str, iteration: Iteration) -> RunPosit
     return RunPosition(progress, steps)
 
 
+def distrib_optim_beside(shard: Path) -> bool:
+    """Whether Megatron-LM's torch format keeps a distributed optimizer's state (flat gradient-buffer ranges) beside
+    this model_optim_rng.pt."""
+    return (shard.parent / "distrib_optim.pt").exists()
+
+
 class RankShard:
     """One rank's file of a torch-format checkpoint, read without the others (which a node-local disk may lack)."""
 
@@ -156,6 +162,11 @@ class RankShard:
             self.model = names.canonical_model_state(self.file["model"], where)
         layers = {names.split_layer_name(n)[0] for n in self.model if names.split_layer_name(n)}
         self.num_layers = len(layers)
+
+    @property
+    def has_buffer_layout_optimizer_state(self) -> bool:
+        """Whether Megatron-LM's distributed optimizer saved its state beside this file, in gradient-buffer layout."""
+        return self.origin == MEGATRON and distrib_optim_beside(self.path)
 
     def recorded_layout(self) -> tuple[int, int]:
         """(tp, pp) the file says it was saved with."""
@@ -396,8 +407,8 @@ class CheckpointReader:
     def has_buffer_layout_optimizer_state(self) -> bool:
         """Whether the checkpoint holds Megatron-LM's distributed-optimizer state in its gradient-buffer layout
         (torch_dist `dp_reshardable`, or the torch format's distrib_optim.pt), which is not model space."""
-        if self._dist is None:  # its torch format: the ranges in distrib_optim.pt beside each shard
-            return self.origin == MEGATRON and (self.shard_path(0, 0).parent / "distrib_optim.pt").exists()
+        if self._dist is None:
+            return self.origin == MEGATRON and distrib_optim_beside(self.shard_path(0, 0))
         return any(key.startswith("optimizer.distributed.") for key in self._dist.keys)
 
     def _dist_optimizer_steps(self) -> int | None:

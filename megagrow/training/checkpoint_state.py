@@ -170,9 +170,8 @@ def _optimizer_entries(optimizer: dict, where: dict) -> list:
 
 def _megatron_param_groups(trainer, step: int) -> list[dict]:
     train, scheduler = trainer.train, trainer.optimization.scheduler
-    decay = weight_decay(scheduler.config, scheduler.num_steps)
     return megatron_param_groups(lr=scheduler.get_lr(), max_lr=train.lr, min_lr=train.min_lr,
-                                 weight_decay=train.weight_decay if decay is None else decay,
+                                 weight_decay=weight_decay(scheduler.config, scheduler.num_steps),
                                  betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps, step=step)
 
 
@@ -367,7 +366,7 @@ def _load_optimizer(trainer, loaded: LoadedCheckpoint) -> None:
         if record is not None:
             _load_record(trainer, record, root)
             return
-        if _buffer_layout(source):
+        if source.has_buffer_layout_optimizer_state:
             raise UserError(f"--load {root}: its Adam state is Megatron-LM's distributed optimizer in gradient-buffer "
                             f"layout (distrib_optim.pt, or torch_dist dp_reshardable), which megagrow does not read; "
                             f"save it from Megatron-LM with --ckpt-format torch_dist "
@@ -413,12 +412,6 @@ def _megatron_optimizer_record(trainer, loaded: LoadedCheckpoint) -> dict | None
         return None
     return stage_record(megatron_optimizer.adam_state_by_name(source.file["optimizer"], source.model,
                                                               str(source.path.parent)), None)
-
-
-def _buffer_layout(source) -> bool:
-    if isinstance(source, RankShard):
-        return source.origin == MEGATRON and (source.path.parent / "distrib_optim.pt").exists()
-    return source.has_buffer_layout_optimizer_state
 
 
 def _optimizer_record_from(reader: CheckpointReader, trainer) -> dict:

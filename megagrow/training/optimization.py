@@ -44,10 +44,7 @@ def lr_schedule_config(train: TrainConfig, train_iters: int) -> LRScheduleConfig
         warmup = train.lr_warmup_fraction * decay
     else:
         warmup = train.lr_warmup_iters * batch
-    if train.weight_decay_incr_style == "constant":
-        start_wd = end_wd = train.weight_decay
-    else:
-        start_wd, end_wd = train.start_weight_decay, train.end_weight_decay
+    start_wd, end_wd = train.weight_decay_range()
     return LRScheduleConfig(
         lr=train.lr, min_lr=train.min_lr, warmup_samples=warmup, decay_samples=decay,
         decay_style=train.lr_decay_style, init_lr=train.lr_warmup_init,
